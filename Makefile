@@ -1,0 +1,64 @@
+# Front door for operators and CI. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV    ?= .venv
+PY      := $(CURDIR)/$(VENV)/bin/python
+APPS    ?= 3
+export PATH            := $(CURDIR)/$(VENV)/bin:$(PATH)
+export CONTAINERS_CONF := $(CURDIR)/.config/containers/containers.conf
+export ANSIBLE_CONFIG  := $(CURDIR)/ansible.cfg
+export ANSIBLE_FORCE_COLOR ?= 0
+export PY_COLORS ?= 0
+
+# Roles that carry a Molecule scenario (roles/<role>/molecule/default).
+MOLECULE_ROLES := $(patsubst roles/%/molecule/default/molecule.yml,%,$(wildcard roles/*/molecule/default/molecule.yml))
+
+.PHONY: help setup images fleet-up fleet-down fleet-status lint test-unit test-fast test-molecule test-fleet test demo clean
+
+help: ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+setup: ## Install OS packages, the virtualenv and the project-local podman config (idempotent)
+	bash scripts/setup.sh
+
+images: ## Build (or reuse, by recipe hash) the Debian 11 and 12 test images
+	$(PY) scripts/fleet.py images
+
+fleet-up: images ## Start the local fleet: lb1, app1..app$(APPS), db1 (APPS=N to change)
+	$(PY) scripts/fleet.py up --apps $(APPS)
+
+fleet-down: ## Remove what fleet-up made (containers, network, key, generated inventory)
+	$(PY) scripts/fleet.py down
+
+fleet-status: ## Show the local fleet
+	$(PY) scripts/fleet.py status
+
+lint: ## yamllint, ansible-lint (production profile), ruff
+	yamllint -s .
+	ansible-lint
+	ruff check scripts tests examples
+
+test-unit: ## Unit tests: scripts and the fixture app on a throwaway local PostgreSQL
+	pytest -q tests/unit
+
+test-fast: lint test-unit ## Lint + unit tests (the inner loop)
+
+test-molecule: images ## Every role's Molecule scenario
+	@set -e; for r in $(MOLECULE_ROLES); do \
+	  echo "=== molecule test: $$r"; \
+	  start=$$(date +%s); \
+	  (cd roles/$$r && molecule test); \
+	  echo "=== molecule test: $$r passed in $$(( $$(date +%s) - start ))s"; \
+	done
+
+test-fleet: images ## End-to-end tests on the local SSH fleet
+	pytest -q tests/fleet
+
+test: test-fast test-molecule test-fleet ## Everything CI runs
+
+demo: fleet-up ## Bring the fleet up and deploy the fixture app through lb1
+	$(PY) scripts/fleet.py demo
+
+clean: fleet-down ## fleet-down, then remove build artefacts
+	rm -rf build .cache
