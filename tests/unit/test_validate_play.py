@@ -1,0 +1,101 @@
+"""The first play of every entry point stops bad inventories with a message that says what to fix."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+GOOD_VARS = {
+    "project_name": "shop",
+    "project_release_id": "r2024.1",
+    "project_release_artifact": "/tmp/shop-r2024.1.tar.gz",
+    "project_settings_module": "shop.settings.prod",
+    "project_wsgi_app": "shop.wsgi:application",
+    "project_healthz_path": "/health/",
+    "project_http_port": 8000,
+    "project_db_name": "shop",
+    "project_db_user": "shop",
+    "project_db_password": "s3cret-db-password",
+    "project_secret_key": "s3cret-django-key",
+}
+
+
+def inventory(groups: dict[str, list[str]], variables: dict[str, object]) -> dict:
+    return {
+        "all": {
+            "children": {name: {"hosts": {h: {"ansible_connection": "local"} for h in hosts}} for name, hosts in groups.items()},
+            "vars": variables,
+        }
+    }
+
+
+def run_validate(tmp_path: Path, inv: dict) -> subprocess.CompletedProcess[str]:
+    inv_file = tmp_path / "hosts.yml"
+    inv_file.write_text(yaml.safe_dump(inv))
+    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
+    return subprocess.run(
+        ["ansible-playbook", "-i", str(inv_file), str(REPO / "playbooks" / "validate.yml")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+FULL = {"app": ["app1", "app2"], "db": ["db1"], "lb": ["lb1"]}
+
+
+def test_good_inventory_passes(tmp_path: Path) -> None:
+    result = run_validate(tmp_path, inventory(FULL, GOOD_VARS))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "failed=0" in result.stdout
+    for secret in ("s3cret-django-key", "s3cret-db-password"):
+        assert secret not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("groups", "expected"),
+    [
+        ({"app": ["app1"], "db": ["db1"]}, "Inventory group 'lb' is missing"),
+        ({"app": ["app1"], "db": [], "lb": ["lb1"]}, "Inventory group 'db' is"),
+        ({}, "Inventory group 'app' is missing"),
+    ],
+)
+def test_missing_or_empty_group_is_named(tmp_path: Path, groups: dict[str, list[str]], expected: str) -> None:
+    result = run_validate(tmp_path, inventory(groups, GOOD_VARS))
+    assert result.returncode != 0
+    assert expected in result.stdout
+
+
+def test_missing_variable_is_named(tmp_path: Path) -> None:
+    variables = {k: v for k, v in GOOD_VARS.items() if k != "project_settings_module"}
+    result = run_validate(tmp_path, inventory(FULL, variables))
+    assert result.returncode != 0
+    assert "Variable 'project_settings_module' is not set" in result.stdout
+
+
+def test_missing_secret_fails_without_printing_secrets(tmp_path: Path) -> None:
+    variables = dict(GOOD_VARS, project_db_password="{{ vault_project_db_password }}")
+    result = run_validate(tmp_path, inventory(FULL, variables))
+    assert result.returncode != 0
+    assert "Secret 'project_db_password' is not set" in result.stdout
+    for secret in ("s3cret-django-key", "s3cret-db-password"):
+        assert secret not in result.stdout + result.stderr
+
+
+def test_unsafe_release_id_is_refused(tmp_path: Path) -> None:
+    result = run_validate(tmp_path, inventory(FULL, dict(GOOD_VARS, project_release_id="../etc")))
+    assert result.returncode != 0
+    assert "project_release_id made of letters" in result.stdout
+
+
+def test_release_source_is_required(tmp_path: Path) -> None:
+    result = run_validate(tmp_path, inventory(FULL, dict(GOOD_VARS, project_release_artifact="")))
+    assert result.returncode != 0
+    assert "Set project_release_artifact" in result.stdout
