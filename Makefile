@@ -55,7 +55,10 @@ test-molecule: images ## Every role's Molecule scenario
 test-fleet: images ## End-to-end tests on the local SSH fleet
 	pytest -q tests/fleet
 
-test: test-fast test-molecule test-fleet ## Everything CI runs
+test: setup ## Everything CI runs: set-up (idempotent), lint, unit, every Molecule scenario, the fleet tests
+	@t0=$$(date +%s); rc=0; \
+	$(MAKE) test-fast && $(MAKE) test-molecule && $(MAKE) test-fleet || rc=$$?; \
+	echo "=== make test: exit $$rc after $$(( $$(date +%s) - t0 ))s"; exit $$rc
 
 demo: fleet-up ## Bring the fleet up and deploy the fixture app through lb1
 	$(PY) scripts/fleet.py demo
