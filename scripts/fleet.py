@@ -13,7 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fleetlib.common import EXIT_OK, FleetError, die, setup_environment
+from fleetlib.common import EXIT_OK, REPO_ROOT, FleetError, die, setup_environment
+from fleetlib.hosts import DEFAULT_INVENTORY, down, status, up
+from fleetlib.inventory import parse_image_map, validate_fleet_name
 from fleetlib.recipe import RECIPES
 
 
@@ -24,7 +26,43 @@ def build_parser() -> argparse.ArgumentParser:
     images = sub.add_parser("images", help="build (or reuse, by recipe hash) the Debian 11 and 12 images")
     images.add_argument("--only", choices=sorted(RECIPES), help="build only this image")
     images.add_argument("--force", action="store_true", help="rebuild even if the recipe hash is unchanged")
+
+    up = sub.add_parser("up", help="start (or complete) the fleet: lb1, app1..appN, db1, reachable over SSH")
+    up.add_argument("--name", default="djm", help="fleet name: prefixes containers and the network (default: djm)")
+    up.add_argument("--apps", type=int, default=3, help="number of app hosts (default: 3; more adds hosts)")
+    up.add_argument("--image", choices=sorted(RECIPES), default="debian11", help="image of every host (default: debian11)")
+    up.add_argument(
+        "--image-map",
+        action="append",
+        default=[],
+        metavar="HOST=IMAGE",
+        help="per-host image, repeatable, e.g. --image-map app2=debian12",
+    )
+    up.add_argument("--http-port", type=port_number, help="publish lb1:80 on 127.0.0.1:PORT")
+    up.add_argument("--subnet", help="fleet network subnet (default: a free /24 in 10.90.0.0/16)")
+    up.add_argument(
+        "--inventory",
+        type=Path,
+        default=DEFAULT_INVENTORY,
+        help=f"where to write the inventory (default: {DEFAULT_INVENTORY.relative_to(REPO_ROOT)})",
+    )
+
+    down = sub.add_parser("down", help="remove what up made: labelled containers and network, key, inventory")
+    down.add_argument("--name", default="djm", help="fleet name (default: djm)")
+
+    status = sub.add_parser("status", help="table of the fleet's hosts, addresses, states and images")
+    status.add_argument("--name", default="djm", help="fleet name (default: djm)")
     return parser
+
+
+def port_number(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not in 1..65535")
+    return port
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +73,15 @@ def main(argv: list[str] | None = None) -> int:
             from fleetlib.images import build_images
 
             build_images([args.only] if args.only else sorted(RECIPES), args.force)
+            return EXIT_OK
+        fleet = validate_fleet_name(args.name)
+        if args.command == "up":
+            image_map = parse_image_map(args.image_map, sorted(RECIPES))
+            up(fleet, args.apps, args.image, image_map, args.http_port, args.inventory, args.subnet)
+        elif args.command == "down":
+            down(fleet)
+        elif args.command == "status":
+            return status(fleet)
     except FleetError as error:
         return die(error)
     except KeyboardInterrupt:
