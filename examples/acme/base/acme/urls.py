@@ -1,0 +1,13 @@
+from cms import views as cms_views
+from django.contrib import admin
+from django.urls import path
+
+from acme import health, smoke
+
+urlpatterns = [
+    path("healthz", health.healthz, name="healthz"),
+    path("smoke/profile/<int:customer_id>", smoke.profile, name="smoke-profile"),
+    path("smoke/checkout", smoke.checkout, name="smoke-checkout"),
+    path("pages/<slug:slug>", cms_views.page_detail, name="cms-page"),
+    path("admin/", admin.site.urls),
+]

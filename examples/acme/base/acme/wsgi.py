@@ -1,0 +1,8 @@
+"""WSGI entry point: ``acme.wsgi:application``."""
+import os
+
+from django.core.wsgi import get_wsgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "acme.settings")
+
+application = get_wsgi_application()

@@ -1,0 +1,20 @@
+from django.db import models
+from django.utils import timezone
+
+
+class Page(models.Model):
+    """A CMS page, rendered through cms/page.html."""
+
+    slug = models.SlugField(max_length=120, unique=True)
+    title = models.CharField(max_length=200)
+    body = models.TextField()
+    published = models.BooleanField(default=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        db_table = "cms_pages"
+        ordering = ["slug"]
+
+    def __str__(self):
+        return self.title

@@ -1,0 +1,281 @@
+#!/usr/bin/env python3
+"""Assemble a release of the ACME fixture app into a deterministic tarball.
+
+A release is ``examples/acme/base`` plus the overlays of its ancestry
+(``examples/acme/releases/<id>/``, each with a ``release.toml`` naming its
+parent), applied oldest first: an overlay deletes the paths its ``delete`` list
+names, then adds or replaces its own files.
+
+The artifact ``<out>/acme-<id>.tar.gz`` has no top-level directory
+(``manage.py`` at the root), a ``RELEASE`` file holding the id, a
+``release.json`` with the metadata, and ``requirements.txt`` with exact pins.
+Entries are sorted, owned by 0:0, stamped with a fixed mtime
+(``SOURCE_DATE_EPOCH`` or 2020-01-01) and gzip carries no timestamp, so the
+same sources always give the same sha256.
+
+    scripts/build_release.py v2                 # build/releases/acme-v2.tar.gz
+    scripts/build_release.py all                # every release
+    scripts/build_release.py v1 --dir           # build/releases/acme-v1/ (a tree)
+    scripts/build_release.py --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomllib
+
+ROOT = Path(__file__).resolve().parent.parent
+APP_DIR = ROOT / "examples" / "acme"
+DEFAULT_OUT = ROOT / "build" / "releases"
+DEFAULT_EPOCH = 1577836800  # 2020-01-01T00:00:00Z
+EXCLUDED_DIRS = {"__pycache__", ".pytest_cache", "staticfiles", "media", ".mypy_cache"}
+EXCLUDED_SUFFIXES = (".pyc", ".pyo", ".swp", "~")
+EXCLUDED_NAMES = {".DS_Store", "release.toml"}
+PIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9_,-]+\])?==[A-Za-z0-9.+!-]+(\s*;.*)?$")
+
+
+class ReleaseError(Exception):
+    """A release definition or its tree is wrong; the message says what to fix."""
+
+
+@dataclass
+class Release:
+    id: str
+    parent: str
+    python: str
+    django: str
+    description: str
+    delete: list[str] = field(default_factory=list)
+
+    @property
+    def overlay(self) -> Path:
+        return APP_DIR / "releases" / self.id
+
+
+def load_release(release_id: str, app_dir: Path = APP_DIR) -> Release:
+    path = app_dir / "releases" / release_id / "release.toml"
+    if not path.is_file():
+        known = ", ".join(r.id for r in all_releases(app_dir)) or "none"
+        raise ReleaseError(f"unknown release {release_id!r} (no {path}); known: {known}")
+    with path.open("rb") as fh:
+        data = tomllib.load(fh)
+    if data.get("id") != release_id:
+        raise ReleaseError(f"{path}: id = {data.get('id')!r} but the directory is {release_id!r}")
+    delete = data.get("delete", [])
+    if not isinstance(delete, list) or not all(isinstance(p, str) for p in delete):
+        raise ReleaseError(f"{path}: delete must be a list of relative paths")
+    return Release(
+        id=release_id,
+        parent=str(data.get("parent", "")),
+        python=str(data.get("python", "")),
+        django=str(data.get("django", "")),
+        description=str(data.get("description", "")),
+        delete=list(delete),
+    )
+
+
+def all_releases(app_dir: Path = APP_DIR) -> list[Release]:
+    releases_dir = app_dir / "releases"
+    if not releases_dir.is_dir():
+        return []
+    ids = sorted(p.name for p in releases_dir.iterdir() if (p / "release.toml").is_file())
+    return [load_release(i, app_dir) for i in ids]
+
+
+def ancestry(release_id: str) -> list[Release]:
+    """The chain from the oldest ancestor to ``release_id``."""
+    chain: list[Release] = []
+    seen: set[str] = set()
+    current = release_id
+    while current:
+        if current in seen:
+            raise ReleaseError(f"release parents form a cycle: {' -> '.join([*seen, current])}")
+        seen.add(current)
+        release = load_release(current)
+        chain.append(release)
+        current = release.parent
+    return list(reversed(chain))
+
+
+def _walk(top: Path) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames[:] = sorted(d for d in dirnames if d not in EXCLUDED_DIRS)
+        for name in filenames:
+            if name in EXCLUDED_NAMES or name.endswith(EXCLUDED_SUFFIXES):
+                continue
+            full = Path(dirpath) / name
+            files[full.relative_to(top).as_posix()] = full
+    return files
+
+
+@dataclass
+class Tree:
+    release: Release
+    chain: list[Release]
+    files: dict[str, bytes]
+    executable: set[str]
+
+
+def assemble(release_id: str) -> Tree:
+    chain = ancestry(release_id)
+    sources: dict[str, Path] = _walk(APP_DIR / "base")
+    if not sources:
+        raise ReleaseError(f"{APP_DIR / 'base'} is empty")
+    for release in chain:
+        for rel in release.delete:
+            doomed = [p for p in sources if p == rel or p.startswith(rel.rstrip("/") + "/")]
+            if not doomed:
+                raise ReleaseError(f"release {release.id}: delete names {rel!r}, which is not in the parent tree")
+            for p in doomed:
+                del sources[p]
+        sources.update(_walk(release.overlay))
+    release = chain[-1]
+    files = {rel: src.read_bytes() for rel, src in sources.items()}
+    executable = {rel for rel, src in sources.items() if os.access(src, os.X_OK)}
+    if "manage.py" not in files:
+        raise ReleaseError(f"release {release_id}: no manage.py at the tree root")
+    _check_requirements(release_id, files.get("requirements.txt"))
+    files["RELEASE"] = (release.id + "\n").encode()
+    meta = {
+        "id": release.id,
+        "chain": [r.id for r in chain],
+        "python": release.python,
+        "django": release.django,
+        "description": release.description,
+        "settings_module": "acme.settings",
+        "wsgi_application": "acme.wsgi:application",
+    }
+    files["release.json"] = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
+    return Tree(release=release, chain=chain, files=files, executable=executable)
+
+
+def _check_requirements(release_id: str, content: bytes | None) -> None:
+    if content is None:
+        raise ReleaseError(f"release {release_id}: no requirements.txt in the tree")
+    for number, line in enumerate(content.decode().splitlines(), 1):
+        text = line.split(" #", 1)[0].strip()
+        if not text or text.startswith("#"):
+            continue
+        if not PIN.match(text):
+            raise ReleaseError(f"release {release_id}: requirements.txt line {number} is not an exact pin: {line!r}")
+
+
+def _epoch() -> int:
+    raw = os.environ.get("SOURCE_DATE_EPOCH", "")
+    return int(raw) if raw.isdigit() else DEFAULT_EPOCH
+
+
+def _dirs_of(paths: list[str]) -> list[str]:
+    dirs: set[str] = set()
+    for p in paths:
+        parts = p.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            dirs.add("/".join(parts[:i]))
+    return sorted(dirs)
+
+
+def write_tarball(tree: Tree, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"acme-{tree.release.id}.tar.gz"
+    mtime = _epoch()
+    entries = sorted([(d, None) for d in _dirs_of(list(tree.files))] + [(p, tree.files[p]) for p in tree.files])
+    fd, tmp_name = tempfile.mkstemp(prefix=target.name, dir=out_dir)
+    try:
+        with (
+            os.fdopen(fd, "wb") as raw,
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz,
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar,
+        ):
+            for name, data in entries:
+                info = tarfile.TarInfo(name)
+                info.mtime = mtime
+                info.uid = info.gid = 0
+                info.uname = info.gname = "root"
+                if data is None:
+                    info.type = tarfile.DIRTYPE
+                    info.mode = 0o755
+                    tar.addfile(info)
+                else:
+                    info.size = len(data)
+                    info.mode = 0o755 if name in tree.executable else 0o644
+                    tar.addfile(info, io.BytesIO(data))
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def write_directory(tree: Tree, out_dir: Path) -> Path:
+    target = out_dir / f"acme-{tree.release.id}"
+    if target.exists():
+        shutil.rmtree(target)
+    for rel, data in sorted(tree.files.items()):
+        path = target / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        path.chmod(0o755 if rel in tree.executable else 0o644)
+    return target
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("release", nargs="?", help="release id (see --list), or 'all'")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: build/releases)")
+    parser.add_argument("--dir", action="store_true", help="assemble into <out>/acme-<id>/ instead of a tarball")
+    parser.add_argument("--list", action="store_true", help="list the releases and exit")
+    args = parser.parse_args(argv)
+    if not args.list and not args.release:
+        parser.error("give a release id, 'all', or --list")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.list:
+            for r in all_releases():
+                chain = " -> ".join(x.id for x in ancestry(r.id))
+                print(f"{r.id:<20} python{r.python:<8} django {r.django:<8} {chain}: {r.description}")
+            return 0
+        ids = [r.id for r in all_releases()] if args.release == "all" else [args.release]
+        for release_id in ids:
+            tree = assemble(release_id)
+            if args.dir:
+                print(write_directory(tree, args.out))
+                continue
+            artifact = write_tarball(tree, args.out)
+            digest = sha256_of(artifact)
+            artifact.with_name(artifact.name + ".sha256").write_text(f"{digest}  {artifact.name}\n")
+            print(f"{digest}  {artifact}")
+    except ReleaseError as exc:
+        print(f"build_release: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
