@@ -105,7 +105,6 @@ def require_free_disk(paths: Sequence[Path], minimum: int = MIN_FREE_BYTES) -> N
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

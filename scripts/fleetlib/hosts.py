@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from fleetlib.common import (
     EXIT_MISSING_TOOL,
     EXIT_PORT,
+    EXIT_USAGE,
     REPO_ROOT,
     FleetError,
     Timer,
@@ -261,13 +262,21 @@ def wait_for_ssh(ip: str, timeout: float = 90.0) -> None:
         time.sleep(0.5)
 
 
-def wait_for_systemd(container: str) -> str:
-    proc = run(
-        ["podman", "exec", container, "timeout", "90", "systemctl", "is-system-running", "--wait"],
-        check=False,
-        timeout=120,
-    )
-    return proc.stdout.strip() or "unknown"
+def wait_for_systemd(container: str, timeout: float = 120.0) -> str:
+    """Wait until systemd has finished booting; return its state (running, degraded...)."""
+    deadline = time.monotonic() + timeout
+    state = "unknown"
+    while time.monotonic() < deadline:
+        proc = run(
+            ["podman", "exec", container, "timeout", "60", "systemctl", "is-system-running", "--wait"],
+            check=False,
+            timeout=90,
+        )
+        state = proc.stdout.strip() or "unknown"
+        if state not in ("unknown", "offline", "initializing", "starting"):
+            return state
+        time.sleep(0.5)
+    return state
 
 
 def provision(container: str, pubkey: str) -> bool:
@@ -321,6 +330,18 @@ def check_ssh(paths: FleetPaths, ip: str) -> None:
         raise FleetError(f"ssh {SSH_USER}@{ip} sudo failed: {detail}")
 
 
+def check_inventory_owner(inventory: Path, fleet: str) -> None:
+    """Never overwrite an inventory that another fleet (or a human) wrote."""
+    if not inventory.exists():
+        return
+    first = inventory.read_text().split("\n", 1)[0]
+    if first != inventory_marker(fleet):
+        raise FleetError(
+            f"{inventory} was not generated for fleet {fleet} (first line: {first[:60]!r}): pass another --inventory",
+            EXIT_USAGE,
+        )
+
+
 # ---------------------------------------------------------------- commands
 
 
@@ -339,6 +360,8 @@ def up(
     require_free_disk([podman_graphroot()])
     paths = FleetPaths(fleet)
     inventory = inventory.resolve()
+    check_inventory_owner(inventory, fleet)
+    plan_hosts(apps, "10.90.0.0/24", image, image_map)  # argument errors before anything is created
 
     wanted_images = sorted({image, *image_map.values()})
     for key in wanted_images:
