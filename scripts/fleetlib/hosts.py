@@ -355,13 +355,13 @@ def up(
     subnet: str | None,
 ) -> None:
     timer = Timer()
+    paths = FleetPaths(fleet)
+    inventory = inventory.resolve()
+    plan_hosts(apps, subnet or "10.90.0.0/24", image, image_map)  # argument errors first
+    check_inventory_owner(inventory, fleet)
     require_root()
     require_tools(["podman", "runc", "ssh", "ssh-keygen", "ssh-keyscan", "ip"])
     require_free_disk([podman_graphroot()])
-    paths = FleetPaths(fleet)
-    inventory = inventory.resolve()
-    check_inventory_owner(inventory, fleet)
-    plan_hosts(apps, "10.90.0.0/24", image, image_map)  # argument errors before anything is created
 
     wanted_images = sorted({image, *image_map.values()})
     for key in wanted_images:

@@ -59,7 +59,10 @@ def plan_hosts(apps: int, subnet: str, image: str, image_map: dict[str, str]) ->
     """lb1, app1..appN, db1 with fixed addresses in `subnet` (a /24 or larger)."""
     if not 1 <= apps <= MAX_APPS:
         raise FleetError(f"--apps {apps}: use 1 to {MAX_APPS}", EXIT_USAGE)
-    network = ipaddress.ip_network(subnet)
+    try:
+        network = ipaddress.IPv4Network(subnet)
+    except ValueError:
+        raise FleetError(f"--subnet {subnet!r}: expected an IPv4 network such as 10.90.5.0/24", EXIT_USAGE) from None
     if network.num_addresses < 256:
         raise FleetError(f"subnet {subnet} is smaller than a /24", EXIT_USAGE)
     base = network.network_address
