@@ -7,14 +7,15 @@ import json
 import uuid
 from decimal import Decimal
 
-from catalog.models import Product
-from customers.models import Customer
 from django.db import transaction
 from django.db.models import F
 from django.http import JsonResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
+
+from catalog.models import Product
+from customers.models import Customer
 from orders.models import Order, OrderItem
 from payments.models import Payment
 from profiles.models import Profile

@@ -1,8 +1,8 @@
-from cms import views as cms_views
 from django.contrib import admin
 from django.urls import path
 
 from acme import health, smoke
+from cms import views as cms_views
 
 urlpatterns = [
     path("healthz", health.healthz, name="healthz"),

@@ -11,6 +11,7 @@ from django.contrib.auth.backends import BaseBackend
 from django.contrib.auth.hashers import make_password
 from django.db import transaction
 
+from customers import profile_sync
 from customers.legacy import verify_legacy_hash
 from customers.models import Customer
 
@@ -66,7 +67,8 @@ class CustomerEmailBackend(BaseBackend):
         return user
 
     def after_login(self, customer, user):
-        """Hook for release-specific bookkeeping; v1 has none."""
+        """Release-specific bookkeeping (customers.profile_sync), then the user."""
+        profile_sync.after_login(customer, user)
         return user
 
     def get_user(self, user_id):
