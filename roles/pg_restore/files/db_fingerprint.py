@@ -1,0 +1,1 @@
+../../../scripts/db_fingerprint.py

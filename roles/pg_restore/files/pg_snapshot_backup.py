@@ -1,0 +1,1 @@
+../../pg_backup/files/pg_snapshot_backup.py
