@@ -20,9 +20,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 BACKUP_PROGRAM = REPO / "roles" / "pg_backup" / "files" / "pg_snapshot_backup.py"
+STORE_PROGRAM = REPO / "roles" / "pg_backup" / "files" / "pg_backup_store.py"
 RESTORE_PROGRAM = REPO / "roles" / "pg_restore" / "files" / "pg_snapshot_restore.py"
 sys.path.insert(0, str(BACKUP_PROGRAM.parent))
 
+import pg_backup_store as store  # noqa: E402
 import pg_snapshot_backup as psb  # noqa: E402
 
 DB = "bk_app"
@@ -111,10 +113,10 @@ def manifest_of(backup_dir: Path, backup_id: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ pure functions
 
 
-def info(backup_id: str, days_ago: float, state: str = "verified") -> psb.BackupInfo:
+def info(backup_id: str, days_ago: float, state: str = "verified") -> store.BackupInfo:
     now = datetime.datetime(2026, 1, 31, 12, 0, tzinfo=datetime.timezone.utc)
-    finished = psb.isotime(now - datetime.timedelta(days=days_ago))
-    return psb.BackupInfo(backup_id, Path("/nonexistent") / backup_id, state, finished)
+    finished = store.isotime(now - datetime.timedelta(days=days_ago))
+    return store.BackupInfo(backup_id, Path("/nonexistent") / backup_id, state, finished)
 
 
 NOW = datetime.datetime(2026, 1, 31, 12, 0, tzinfo=datetime.timezone.utc)
@@ -157,13 +159,13 @@ def test_marker_formats(tmp_path: Path) -> None:
 
 def test_backup_ids_that_are_not_directory_names_are_refused() -> None:
     for bad in ("", "../x", "a/b", ".hidden", "x.partial", "x" * 101):
-        with pytest.raises(psb.BackupError):
-            psb.check_id(bad)
-    assert psb.check_id("release-2026.01.31_1") == "release-2026.01.31_1"
+        with pytest.raises(store.BackupError):
+            store.check_id(bad)
+    assert store.check_id("release-2026.01.31_1") == "release-2026.01.31_1"
 
 
 def test_a_password_in_the_connection_string_is_refused() -> None:
-    with pytest.raises(psb.BackupError, match="password"):
+    with pytest.raises(store.BackupError, match="password"):
         psb.check_dsn("dbname=x password=secret")
 
 
@@ -171,14 +173,14 @@ def test_a_password_in_the_connection_string_is_refused() -> None:
 
 
 def test_preflight_reports_versions_size_and_refuses_a_dir_inside_pgdata(pg_cluster: Any, app_db: str, backup_dir: Path) -> None:
-    result = run(BACKUP_PROGRAM, "preflight", *backup_args(pg_cluster, backup_dir, "pre"), "--test-restore")
+    result = run(STORE_PROGRAM, "preflight", *backup_args(pg_cluster, backup_dir, "pre"), "--test-restore")
     assert result["ok"], result["problems"]
     assert result["state"] == "absent" and result["db_size_bytes"] > 10_000_000
     assert result["pg_dump_major"] >= result["server_major"] == 15
-    inside = run(BACKUP_PROGRAM, "preflight", "--backup-dir", str(pg_cluster.datadir / "backups"), "--dsn", app_db,
+    inside = run(STORE_PROGRAM, "preflight", "--backup-dir", str(pg_cluster.datadir / "backups"), "--dsn", app_db,
                  "--bin-dir", str(pg_cluster.bindir), "--id", "pre")
     assert not inside["ok"] and any("inside the data directory" in p for p in inside["problems"])
-    huge = run(BACKUP_PROGRAM, "preflight", *backup_args(pg_cluster, backup_dir, "pre"), "--margin", "1000000")
+    huge = run(STORE_PROGRAM, "preflight", *backup_args(pg_cluster, backup_dir, "pre"), "--margin", "1000000")
     assert any("not enough free space" in p for p in huge["problems"])
 
 
@@ -224,7 +226,7 @@ def test_backup_files_modes_and_checksums(backup_dir: Path) -> None:
     on_disk = {str(p.relative_to(root)) for p in (root / "dump").rglob("*") if p.is_file()}
     assert on_disk == set(manifest["files"]) and "dump/toc.dat" in on_disk
     for name, entry in manifest["files"].items():
-        assert psb.sha256_file(root / name) == entry["sha256"]
+        assert store.sha256_file(root / name) == entry["sha256"]
     for path in [root, *root.rglob("*")]:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode == (0o700 if path.is_dir() else 0o600), f"{path} has mode {oct(mode)}"
@@ -270,7 +272,7 @@ def test_retention_command_honours_the_marker(backup_dir: Path, tmp_path: Path) 
                "--dry-run")
     assert plan["delete"] == [] and "rel-1" in plan["keep"] and "rel-2" in plan["keep"]
     assert (backup_dir / "rel-1").is_dir()
-    listing = run(BACKUP_PROGRAM, "list", "--backup-dir", str(backup_dir))
+    listing = run(STORE_PROGRAM, "list", "--backup-dir", str(backup_dir))
     assert listing["newest_verified"] == "rel-2"
 
 

@@ -2,7 +2,7 @@
 """Restore a verified pg_snapshot_backup backup and swap it in place of the live database (pg_restore role).
 
 Runs on the database host as the PostgreSQL OS user (peer authentication). Ships next to
-pg_snapshot_backup.py and db_fingerprint.py, which it imports.
+pg_snapshot_backup.py, pg_backup_store.py and db_fingerprint.py, which it imports.
 
 Commands (each prints one JSON document on stdout):
     check          pick the backup (default: newest verified), re-verify its checksums, versions, free space,
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import db_fingerprint
+import pg_backup_store as store
 import pg_snapshot_backup as psb
 import psycopg
 from psycopg import sql
@@ -41,7 +42,7 @@ EXIT_REFUSED = 3
 FAILED_PATTERN = r"__failed_\d{8}T\d{6}Z$"
 
 
-class Refused(psb.BackupError):
+class Refused(store.BackupError):
     """The live database holds writes made after the backup and the caller did not allow discarding them."""
 
 
@@ -49,19 +50,19 @@ def maintenance(args: argparse.Namespace) -> str:
     return psb.dsn_for(args.dsn, args.maintenance_db)
 
 
-def backup_for(args: argparse.Namespace) -> psb.BackupInfo:
+def backup_for(args: argparse.Namespace) -> store.BackupInfo:
     """The backup to restore: --id, or the newest verified one. It must be verified."""
     backup_dir = Path(args.backup_dir)
     if args.id:
-        info = psb.inspect(backup_dir, psb.check_id(args.id))
+        info = store.inspect(backup_dir, store.check_id(args.id))
         if info is None:
-            raise psb.BackupError(f"backup {args.id} does not exist in {backup_dir}: check the backup id")
+            raise store.BackupError(f"backup {args.id} does not exist in {backup_dir}: check the backup id")
     else:
-        info = psb.newest_verified(backup_dir)
+        info = store.newest_verified(backup_dir)
         if info is None:
-            raise psb.BackupError(f"there is no verified backup in {backup_dir}: take one with the pg_backup role first")
+            raise store.BackupError(f"there is no verified backup in {backup_dir}: take one with the pg_backup role first")
     if info.state != "verified":
-        raise psb.BackupError(
+        raise store.BackupError(
             f"backup {info.backup_id} in {backup_dir} is {info.state}, not verified: it is incomplete or was never "
             "verified; refusing to restore it"
         )
@@ -96,15 +97,15 @@ def write_report(root: Path, stage: str, backup_id: str, database: str, diffs: l
         "backup_id": backup_id,
         "database": database,
         "stage": stage,
-        "compared_at": psb.isotime(psb.utcnow()),
+        "compared_at": store.isotime(store.utcnow()),
         "writes_blocked": args.writes_blocked,
         "accept_data_loss": args.accept_data_loss,
         "decision": decision,
         "changed_tables": diffs,
         "text": text,
     }
-    path = root / f"restore-report-{psb.stamp(psb.utcnow())}-{stage}.json"
-    psb.write_json(path, report)
+    path = root / f"restore-report-{store.stamp(store.utcnow())}-{stage}.json"
+    store.write_json(path, report)
     return str(path), text
 
 
@@ -135,14 +136,14 @@ def cmd_check(args: argparse.Namespace) -> dict[str, Any]:
         "finished_at": manifest.get("finished_at"),
         "db_size_bytes": manifest.get("db_size_bytes"),
     }
-    result["checksums"] = psb.verify_checksums(info.path, manifest, args.jobs)  # raises: corrupt, nothing touched
-    pg_restore = psb.find_program("pg_restore", args.bin_dir)
-    version = psb.program_version(pg_restore)
+    result["checksums"] = store.verify_checksums(info.path, manifest, args.jobs)  # raises: corrupt, nothing touched
+    pg_restore = store.find_program("pg_restore", args.bin_dir)
+    version = store.program_version(pg_restore)
     result.update(pg_restore=pg_restore, pg_restore_version=version)
-    if psb.version_major(version) < int(manifest.get("pg_dump_major", 0)):
+    if store.version_major(version) < int(manifest.get("pg_dump_major", 0)):
         problems.append(f"pg_restore {version} cannot read an archive of pg_dump {manifest.get('pg_dump_version')}: set bin_dir")
-    longest = len(database) + len(psb.scratch_name("", "restore", psb.utcnow()))
-    if longest > psb.NAMEDATALEN:
+    longest = len(database) + len(psb.scratch_name("", "restore", store.utcnow()))
+    if longest > store.NAMEDATALEN:
         problems.append(f"database name {database} is too long for the {longest - len(database)}-character suffixes")
     with psb.connect(maintenance(args)) as conn:
         live = psb.database_properties(conn, database)
@@ -152,7 +153,7 @@ def cmd_check(args: argparse.Namespace) -> dict[str, Any]:
         problems.append(f"database {database} does not allow connections (datallowconn false): an interrupted restore? "
                         "run the role's cleanup or ALTER DATABASE ... ALLOW_CONNECTIONS true")
     if data_directory and os.access(data_directory[0], os.R_OK):
-        free, _, measured = psb.free_bytes(Path(data_directory[0]))
+        free, _, measured = store.free_bytes(Path(data_directory[0]))
         need = int((manifest.get("db_size_bytes") or 0) * args.margin)
         result["space"] = {"free": free, "need": need, "path": str(measured)}
         if free < need:
@@ -172,7 +173,7 @@ def cmd_check(args: argparse.Namespace) -> dict[str, Any]:
 # compare-live
 
 
-def compare_live(args: argparse.Namespace, info: psb.BackupInfo, database: str, stage: str,
+def compare_live(args: argparse.Namespace, info: store.BackupInfo, database: str, stage: str,
                  conn_factory: db_fingerprint.ConnSource | None = None) -> dict[str, Any]:
     assert info.manifest is not None
     t0 = time.monotonic()
@@ -212,19 +213,19 @@ def cmd_restore(args: argparse.Namespace) -> dict[str, Any]:
     assert info.manifest is not None
     manifest = info.manifest
     database = live_name(args, manifest)
-    pg_restore = psb.find_program("pg_restore", args.bin_dir)
-    restored = psb.scratch_name(database, "restore", psb.utcnow())
+    pg_restore = store.find_program("pg_restore", args.bin_dir)
+    restored = psb.scratch_name(database, "restore", store.utcnow())
     timings: dict[str, float] = {}
     with psb.connect(maintenance(args)) as conn:
         props = psb.database_properties(conn, database) or manifest.get("database_properties")
         if not props:
-            raise psb.BackupError(f"database {database} does not exist and the manifest has no database properties")
+            raise store.BackupError(f"database {database} does not exist and the manifest has no database properties")
         psb.create_database(conn, restored, props)
         try:
             t0 = time.monotonic()
-            psb.run_program(
+            store.run_program(
                 [pg_restore, f"--jobs={args.jobs}", "--exit-on-error", "--no-password",
-                 f"--dbname={psb.dsn_for(args.dsn, restored)}", str(info.path / psb.DUMP_DIR)],
+                 f"--dbname={psb.dsn_for(args.dsn, restored)}", str(info.path / store.DUMP_DIR)],
                 "pg_restore",
             )
             timings["pg_restore_s"] = round(time.monotonic() - t0, 3)
@@ -234,7 +235,7 @@ def cmd_restore(args: argparse.Namespace) -> dict[str, Any]:
             diffs = db_fingerprint.compare(manifest["fingerprints"], fingerprint)
             if diffs:
                 text = db_fingerprint.format_diffs(diffs, len(fingerprint["tables"]))
-                raise psb.BackupError(f"the restored database {restored} does not match backup {info.backup_id}:\n{text}")
+                raise store.BackupError(f"the restored database {restored} does not match backup {info.backup_id}:\n{text}")
             t0 = time.monotonic()
             with psb.connect(psb.dsn_for(args.dsn, restored)) as target:  # pg_restore leaves planner statistics empty
                 target.execute("ANALYZE")
@@ -268,14 +269,14 @@ def terminate_others(conn: psycopg.Connection[Any], database: str, keep: Sequenc
         if not left or left[0] == 0:
             return len(rows)
         if time.monotonic() > deadline:
-            raise psb.BackupError(f"{left[0]} sessions on {database} did not end within {timeout:g}s of pg_terminate_backend")
+            raise store.BackupError(f"{left[0]} sessions on {database} did not end within {timeout:g}s of pg_terminate_backend")
         time.sleep(0.2)
 
 
 def record_state(backup_dir: Path, database: str, entry: dict[str, Any]) -> None:
     state = read_state(backup_dir)
     state[database] = entry
-    psb.write_json(backup_dir / STATE_FILE, state)
+    store.write_json(backup_dir / STATE_FILE, state)
 
 
 def cmd_swap(args: argparse.Namespace) -> dict[str, Any]:
@@ -285,13 +286,13 @@ def cmd_swap(args: argparse.Namespace) -> dict[str, Any]:
     assert info.manifest is not None
     database = live_name(args, info.manifest)
     restored = args.restored_db
-    moment = psb.utcnow()
+    moment = store.utcnow()
     failed = psb.scratch_name(database, "failed", moment)
     result: dict[str, Any] = {"changed": True, "id": info.backup_id, "database": database, "restored_db": restored}
     t0 = time.monotonic()
     with psb.connect(maintenance(args)) as conn:
         if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (restored,)).fetchone() is None:
-            raise psb.BackupError(f"restored database {restored} does not exist: run the restore step first")
+            raise store.BackupError(f"restored database {restored} does not exist: run the restore step first")
         live = psb.database_properties(conn, database)
         if live is None:  # nothing to replace: the restored database simply takes the name
             conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(restored), sql.Identifier(database)))
@@ -312,7 +313,7 @@ def cmd_swap(args: argparse.Namespace) -> dict[str, Any]:
 
                 def factory() -> psycopg.Connection[Any]:
                     if not handed:
-                        raise psb.BackupError("internal: more fingerprint connections requested than opened")
+                        raise store.BackupError("internal: more fingerprint connections requested than opened")
                     return handed.pop()
 
                 compared = compare_live(args, info, database, "swap", factory)
@@ -340,7 +341,7 @@ def cmd_swap(args: argparse.Namespace) -> dict[str, Any]:
         new_oid = conn.execute("SELECT oid FROM pg_database WHERE datname = %s", (database,)).fetchone()
     assert new_oid is not None
     record_state(Path(args.backup_dir), database, {
-        "oid": int(new_oid[0]), "backup_id": info.backup_id, "restored_at": psb.isotime(moment),
+        "oid": int(new_oid[0]), "backup_id": info.backup_id, "restored_at": store.isotime(moment),
         "failed_db": result.get("failed_db"), "report": result.get("report"),
     })
     result["seconds"] = round(time.monotonic() - t0, 3)
@@ -369,7 +370,7 @@ def cmd_cleanup(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_failed_retention(args: argparse.Namespace) -> dict[str, Any]:
     psb.check_dsn(args.dsn)
     if args.keep < 0:
-        raise psb.BackupError("keep must be 0 or more")
+        raise store.BackupError("keep must be 0 or more")
     pattern = re.compile(re.escape(args.database) + FAILED_PATTERN)
     with psb.connect(maintenance(args)) as conn:
         names = sorted((r[0] for r in conn.execute("SELECT datname FROM pg_database").fetchall() if pattern.match(r[0])),
@@ -444,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result, code = COMMANDS[args.command](args), 0
     except Refused as exc:
         result, code = {"failed": True, "refused": True, "error": str(exc)}, EXIT_REFUSED
-    except (psb.BackupError, db_fingerprint.FingerprintError) as exc:
+    except (store.BackupError, db_fingerprint.FingerprintError) as exc:
         result, code = {"failed": True, "error": str(exc)}, 1
     except (psycopg.Error, OSError) as exc:
         result, code = {"failed": True, "error": f"{type(exc).__name__}: {str(exc).strip()}"}, 1

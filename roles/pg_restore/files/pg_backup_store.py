@@ -1,0 +1,1 @@
+../../pg_backup/files/pg_backup_store.py
