@@ -10,8 +10,8 @@ Forward, in one transaction with products locked against writes:
      step 1, one category per key, one archived string per product and equal to
      the v1 column. Any mismatch raises CategoryNormalizationError and the whole
      migration rolls back.
-Reverse: put the archived strings back (products created after the migration get
-their category's name); 0002's reverse then drops the new tables and the FK.
+Reverse: 0004's reverse has already put the archived strings back (the column is
+NOT NULL again by then) and 0002's reverse drops the new tables and the FK.
 """
 
 from django.db import migrations
@@ -87,34 +87,12 @@ def normalize(apps, schema_editor):
             raise CategoryNormalizationError(f"category normalization does not add up, rolled back: {shown}")
 
 
-def denormalize(apps, schema_editor):
-    with schema_editor.connection.cursor() as cursor:
-        cursor.execute("LOCK TABLE products IN SHARE ROW EXCLUSIVE MODE")
-        (orphans,) = _fetch(
-            cursor,
-            "SELECT count(*) FROM products AS p WHERE p.category_ref_id IS NULL"
-            " AND NOT EXISTS (SELECT 1 FROM catalog_legacy_product_categories AS l WHERE l.product_id = p.id)",
-        )[0]
-        if orphans:
-            raise CategoryNormalizationError(f"reverse: {orphans} products have neither an archived string nor a category")
-        cursor.execute(
-            "UPDATE products AS p SET category = l.raw_value"
-            " FROM catalog_legacy_product_categories AS l WHERE l.product_id = p.id"
-        )
-        # Products created under v2 have no archived string: they keep their category's name.
-        cursor.execute(
-            "UPDATE products AS p SET category = c.name FROM catalog_categories AS c"
-            " WHERE c.id = p.category_ref_id"
-            " AND NOT EXISTS (SELECT 1 FROM catalog_legacy_product_categories AS l WHERE l.product_id = p.id)"
-        )
-        # The Category rows, the FK column and the archive go with 0002's reverse (DROP), no need to touch them.
-
-
 class Migration(migrations.Migration):
     dependencies = [
         ("catalog", "0002_category"),
     ]
 
     operations = [
-        migrations.RunPython(normalize, denormalize, elidable=False),
+        # Reverse: nothing left to do here (see the module docstring).
+        migrations.RunPython(normalize, migrations.RunPython.noop, elidable=False),
     ]
