@@ -323,11 +323,12 @@ def ssh_argv(paths: FleetPaths, ip: str, *command: str) -> list[str]:
     ]
 
 
-def check_ssh(paths: FleetPaths, ip: str) -> None:
+def ssh_error(paths: FleetPaths, ip: str) -> str:
+    """'' if `ansible@ip` answers over SSH with passwordless sudo, else the reason."""
     proc = run(ssh_argv(paths, ip, "sudo", "-n", "true"), check=False, timeout=60)
-    if proc.returncode != 0:
-        detail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise FleetError(f"ssh {SSH_USER}@{ip} sudo failed: {detail}")
+    if proc.returncode == 0:
+        return ""
+    return (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
 
 
 def check_inventory_owner(inventory: Path, fleet: str) -> None:
@@ -390,6 +391,7 @@ def up(
 
     created: list[str] = []
     started: list[str] = []
+    image_ids: dict[str, str] = {}
     for host in plan:
         info = existing.get(host.name)
         if info is None:
@@ -399,31 +401,41 @@ def up(
         if not info["State"]["Running"]:
             podman("start", host.container(fleet))
             started.append(host.name)
-        current_image = podman("image", "inspect", "--format", "{{.Id}}", image_ref(host.image)).strip()
-        if info["Image"] != current_image or info["Config"]["Labels"].get("djm.image") != host.image:
+        if image_ids.get(host.image) is None:
+            image_ids[host.image] = podman("image", "inspect", "--format", "{{.Id}}", image_ref(host.image)).strip()
+        if info["Image"] != image_ids[host.image] or info["Config"]["Labels"].get("djm.image") != host.image:
             log(f"note: {host.name} runs an older or different image than {image_ref(host.image)}; down + up recreates it")
 
     key_created = ensure_key(paths, fleet)
     pubkey = paths.key.with_suffix(".pub").read_text().strip()
 
-    infos = {c["Config"]["Labels"].get("djm.host", c["Name"]): c for c in fleet_containers(fleet)}
+    if created or started:
+        existing = {c["Config"]["Labels"].get("djm.host", c["Name"]): c for c in fleet_containers(fleet)}
+    infos = existing
     hosts = {name: (info["Config"]["Labels"].get("djm.role", ""), container_ip(info, network)) for name, info in infos.items()}
     names = sorted(hosts, key=host_sort_key)
-    containers = [f"{fleet}-{name}" for name in names]
     ips = [hosts[name][1] for name in names]
     if not all(ips):
         raise FleetError(f"some containers have no address on {network}: see fleet.py status --name {fleet}")
 
-    states = parallel(wait_for_systemd, containers)
-    for name, state in zip(names, states):
+    # New or restarted hosts: wait for boot, then create the ansible user. Hosts that were already
+    # running are only checked over SSH (no podman exec), so a warm `up` takes a second or two.
+    fresh = [name for name in names if key_created or name in created or name in started]
+    for name, state in zip(fresh, parallel(wait_for_systemd, [f"{fleet}-{name}" for name in fresh])):
         if state != "running":
             failed = podman("exec", f"{fleet}-{name}", "systemctl", "--failed", "--no-legend", "--plain", check=False)
             units = [line.split()[0] for line in failed.splitlines() if line.strip()]
             log(f"warning: {name} systemd is {state}; failed units: {' '.join(units) or 'none'}")
-    provisioned = [name for name, changed in zip(names, parallel(lambda c: provision(c, pubkey), containers)) if changed]
+    provisioned = [name for name, changed in zip(fresh, parallel(lambda n: provision(f"{fleet}-{n}", pubkey), fresh)) if changed]
     parallel(wait_for_ssh, ips)
     known_changed = write_if_changed(paths.known_hosts, scan_host_keys(ips), 0o644)
-    parallel(lambda ip: check_ssh(paths, ip), ips)
+    errors = dict(zip(names, parallel(lambda ip: ssh_error(paths, ip), ips)))
+    broken = [name for name in names if errors[name]]
+    if broken:  # e.g. a host whose ansible user or key was changed by hand: provision it again
+        provisioned += [name for name in broken if provision(f"{fleet}-{name}", pubkey)]
+        still = [f"{name}: {error}" for name in broken if (error := ssh_error(paths, hosts[name][1]))]
+        if still:
+            raise FleetError(f"ssh as {SSH_USER} with sudo failed on {'; '.join(still)}")
 
     inv_changed = write_if_changed(inventory, render_inventory(fleet, hosts, paths.key, paths.known_hosts))
     state = {

@@ -211,6 +211,16 @@ def test_rerunning_up_changes_nothing(fleet: Fleet) -> None:
     assert elapsed < 30
 
 
+def test_up_repairs_a_host_whose_ssh_access_was_broken(fleet: Fleet) -> None:
+    before = container_ids()
+    sh(["podman", "exec", f"{FLEET}-app1", "rm", "/home/ansible/.ssh/authorized_keys"])
+    assert fleet.ssh("app1", "true").returncode != 0
+    proc = fleet_py(*UP_ARGS, "--inventory", str(fleet.inventory))
+    assert "changed: ansible user on app1" in proc.stdout, proc.stdout
+    assert fleet.ssh_ok("app1", "sudo -n whoami") == "root"
+    assert container_ids() == before
+
+
 def test_up_refuses_an_inventory_of_another_fleet(fleet: Fleet) -> None:
     proc = fleet_py("up", "--name", "djmother", "--inventory", str(fleet.inventory), check=False)
     assert proc.returncode == 2
