@@ -173,10 +173,11 @@ def ensure_image(recipe: Recipe, ca_bundle: bytes, force: bool) -> None:
         log(f"  debootstrap done at {timer.elapsed():.0f}s")
         ncerts = customise(recipe, rootfs, ca_bundle)
         log(f"  customised ({ncerts} controller CA certificate(s) added) at {timer.elapsed():.0f}s")
-        if existing:
-            run(["podman", "rmi", "--force", ref], check=False)
+        # --force: importing onto the existing tag moves it; the old image stays for running containers.
         import_rootfs(recipe, rootfs, digest)
         podman("tag", ref, f"{recipe.repo}:latest")
+        if existing and existing != image_id(ref):
+            run(["podman", "rmi", existing], check=False)  # no --force: kept while a container uses it
     finally:
         remove_workdir(workdir)
     logfile.unlink(missing_ok=True)
