@@ -45,6 +45,9 @@ def profile(request, customer_id):
 
 
 def _parse_checkout(request):
+    """JSON body (application/json), or form fields customer_id/provider, or nothing at all."""
+    if request.content_type != "application/json":
+        return {key: request.POST[key] for key in ("customer_id", "provider") if request.POST.get(key)}
     if not request.body:
         return {}
     try:
@@ -80,6 +83,11 @@ def _items(data):
 
 def _checkout(data):
     customer_id = data.get("customer_id")
+    if customer_id is not None:
+        try:
+            customer_id = int(customer_id)
+        except (TypeError, ValueError):
+            raise CheckoutError(400, "customer_id must be an integer") from None
     customer = (
         Customer.objects.filter(pk=customer_id).first()
         if customer_id is not None
