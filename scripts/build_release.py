@@ -17,11 +17,20 @@ same sources always give the same sha256.
     scripts/build_release.py all                # every release
     scripts/build_release.py v1 --dir           # build/releases/acme-v1/ (a tree)
     scripts/build_release.py --list
+    scripts/build_release.py v1 --venv          # .cache/venvs/<hash>/ with the release's pins installed
+
+``--venv`` builds (or reuses) a virtualenv for the release's requirements under
+``.cache/venvs/<sha256 of requirements + interpreter>``, with the oldest
+interpreter on this machine that satisfies the release's ``python`` specifier
+(pyenv versions and python3.X on PATH; ``--python`` overrides), and prints its
+path.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
+import glob
 import gzip
 import hashlib
 import io
@@ -29,6 +38,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -40,6 +50,7 @@ import tomllib
 ROOT = Path(__file__).resolve().parent.parent
 APP_DIR = ROOT / "examples" / "acme"
 DEFAULT_OUT = ROOT / "build" / "releases"
+VENV_ROOT = ROOT / ".cache" / "venvs"
 DEFAULT_EPOCH = 1577836800  # 2020-01-01T00:00:00Z
 EXCLUDED_DIRS = {"__pycache__", ".pytest_cache", "staticfiles", "media", ".mypy_cache"}
 EXCLUDED_SUFFIXES = (".pyc", ".pyo", ".swp", "~")
@@ -241,12 +252,114 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+# --- virtualenvs ---------------------------------------------------------------------------------------------
+
+SPEC = re.compile(r"^\s*(>=|<=|==|>|<|!=)\s*(\d+(?:\.\d+){0,2})\s*$")
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+def satisfies(version: tuple[int, ...], spec: str) -> bool:
+    """True when ``version`` matches a comma-separated specifier such as '>=3.8,<3.12'."""
+    for clause in filter(None, (c.strip() for c in spec.split(","))):
+        match = SPEC.match(clause)
+        if not match:
+            raise ReleaseError(f"unsupported python specifier clause {clause!r} (use >=, <=, ==, >, <, != with X.Y[.Z])")
+        op, wanted = match.group(1), _version_tuple(match.group(2))
+        have = version[: len(wanted)]
+        ok = {
+            ">=": have >= wanted,
+            "<=": have <= wanted,
+            "==": have == wanted,
+            ">": have > wanted,
+            "<": have < wanted,
+            "!=": have != wanted,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def interpreter_version(python: str) -> tuple[int, int, int] | None:
+    try:
+        out = subprocess.run(
+            [python, "-c", "import sys; print('.'.join(map(str, sys.version_info[:3])))"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    major, minor, micro = _version_tuple(out)[:3]
+    return major, minor, micro
+
+
+def python_candidates() -> list[str]:
+    pyenv_root = os.environ.get("PYENV_ROOT", str(Path.home() / ".pyenv"))
+    found = sorted(glob.glob(os.path.join(pyenv_root, "versions", "*", "bin", "python3")))
+    for minor in range(6, 20):
+        path = shutil.which(f"python3.{minor}")
+        if path and ".pyenv/shims" not in path:
+            found.append(path)
+    found.append(sys.executable)
+    return list(dict.fromkeys(os.path.realpath(p) if os.path.islink(p) else p for p in found))
+
+
+def pick_interpreter(spec: str) -> tuple[str, tuple[int, int, int]]:
+    """The oldest available interpreter satisfying ``spec`` (the closest match to a legacy host)."""
+    usable = []
+    for candidate in python_candidates():
+        version = interpreter_version(candidate)
+        if version and version[0] == 3 and satisfies(version, spec):
+            usable.append((version, candidate))
+    if not usable:
+        raise ReleaseError(f"no Python interpreter on this machine satisfies {spec!r}; pass --python")
+    version, path = min(usable)
+    return path, version
+
+
+def ensure_venv(tree: Tree, python: str | None = None) -> Path:
+    """Create (once) and return a virtualenv with the release's exact pins installed."""
+    if python:
+        found = interpreter_version(python)
+        if found is None:
+            raise ReleaseError(f"cannot run {python}")
+        version = found
+    else:
+        python, version = pick_interpreter(tree.release.python)
+    requirements = tree.files["requirements.txt"]
+    key = hashlib.sha256(requirements + ".".join(map(str, version)).encode()).hexdigest()[:16]
+    target = VENV_ROOT / f"py{version[0]}{version[1]}-{key}"
+    marker = target / ".complete"
+    VENV_ROOT.mkdir(parents=True, exist_ok=True)
+    with open(VENV_ROOT / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent test workers wait for one build
+        if marker.is_file():
+            return target
+        shutil.rmtree(target, ignore_errors=True)  # a half-built one from an interrupted run
+        try:
+            subprocess.run([python, "-m", "venv", str(target)], check=True)
+            (target / "requirements.txt").write_bytes(requirements)
+            pip = [str(target / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "-q"]
+            subprocess.run([*pip, "install", "-r", str(target / "requirements.txt")], check=True)
+            marker.write_text(f"{python}\n")
+        except BaseException:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
+    return target
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("release", nargs="?", help="release id (see --list), or 'all'")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: build/releases)")
     parser.add_argument("--dir", action="store_true", help="assemble into <out>/acme-<id>/ instead of a tarball")
     parser.add_argument("--list", action="store_true", help="list the releases and exit")
+    parser.add_argument("--venv", action="store_true", help="build or reuse .cache/venvs/<hash> for the release, print its path")
+    parser.add_argument("--python", help="interpreter for --venv (default: the oldest one satisfying the release)")
     args = parser.parse_args(argv)
     if not args.list and not args.release:
         parser.error("give a release id, 'all', or --list")
@@ -264,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
         ids = [r.id for r in all_releases()] if args.release == "all" else [args.release]
         for release_id in ids:
             tree = assemble(release_id)
+            if args.venv:
+                print(ensure_venv(tree, args.python))
+                continue
             if args.dir:
                 print(write_directory(tree, args.out))
                 continue
@@ -273,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{digest}  {artifact}")
     except ReleaseError as exc:
         print(f"build_release: {exc}", file=sys.stderr)
+        return 2
+    except subprocess.CalledProcessError as exc:
+        print(f"build_release: {' '.join(map(str, exc.cmd))} failed with exit code {exc.returncode}", file=sys.stderr)
         return 2
     return 0
 
