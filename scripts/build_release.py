@@ -76,7 +76,8 @@ class Release:
         return APP_DIR / "releases" / self.id
 
 
-def load_release(release_id: str, app_dir: Path = APP_DIR) -> Release:
+def load_release(release_id: str, app_dir: Path | None = None) -> Release:
+    app_dir = app_dir or APP_DIR
     path = app_dir / "releases" / release_id / "release.toml"
     if not path.is_file():
         known = ", ".join(r.id for r in all_releases(app_dir)) or "none"
@@ -98,8 +99,8 @@ def load_release(release_id: str, app_dir: Path = APP_DIR) -> Release:
     )
 
 
-def all_releases(app_dir: Path = APP_DIR) -> list[Release]:
-    releases_dir = app_dir / "releases"
+def all_releases(app_dir: Path | None = None) -> list[Release]:
+    releases_dir = (app_dir or APP_DIR) / "releases"
     if not releases_dir.is_dir():
         return []
     ids = sorted(p.name for p in releases_dir.iterdir() if (p / "release.toml").is_file())
