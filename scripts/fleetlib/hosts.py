@@ -343,6 +343,14 @@ def check_inventory_owner(inventory: Path, fleet: str) -> None:
         )
 
 
+def remove_generated_inventory(inventory: Path, fleet: str) -> bool:
+    """Delete `inventory` only if `fleet.py up --name fleet` wrote it."""
+    if inventory.is_file() and inventory.read_text().startswith(inventory_marker(fleet) + "\n"):
+        inventory.unlink()
+        return True
+    return False
+
+
 # ---------------------------------------------------------------- commands
 
 
@@ -438,6 +446,9 @@ def up(
             raise FleetError(f"ssh as {SSH_USER} with sudo failed on {'; '.join(still)}")
 
     inv_changed = write_if_changed(inventory, render_inventory(fleet, hosts, paths.key, paths.known_hosts))
+    previous = Path(load_state(paths).get("inventory") or inventory)
+    if previous != inventory and remove_generated_inventory(previous, fleet):
+        log(f"removed the fleet's previous inventory {previous}")
     state = {
         "name": fleet,
         "network": network,
@@ -483,12 +494,8 @@ def down(fleet: str) -> None:
     networks = podman("network", "ls", "--filter", f"label={LABEL}={fleet}", "--format", "{{.Name}}").split()
     for network in networks:
         podman("network", "rm", network)
-    removed_inventory = ""
-    candidates = [Path(state["inventory"])] if state.get("inventory") else [DEFAULT_INVENTORY]
-    for inventory in candidates:
-        if inventory.is_file() and inventory.read_text().startswith(inventory_marker(fleet) + "\n"):
-            inventory.unlink()
-            removed_inventory = str(inventory)
+    inventory = Path(state["inventory"]) if state.get("inventory") else DEFAULT_INVENTORY
+    removed_inventory = str(inventory) if remove_generated_inventory(inventory, fleet) else ""
     if paths.dir.exists():
         shutil.rmtree(paths.dir)
     log(

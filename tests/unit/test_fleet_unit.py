@@ -334,3 +334,17 @@ def test_cli_argument_errors_are_one_line_before_any_work(argv: list[str], messa
     assert proc.stdout == ""
     assert len(proc.stderr.strip().splitlines()) == 1
     assert message in proc.stderr
+
+
+def test_remove_generated_inventory_only_removes_its_own(tmp_path: Path) -> None:
+    ours = tmp_path / "ours.yml"
+    ours.write_text(inventory.render_inventory("djm", {"lb1": ("lb", "10.90.0.10")}, tmp_path / "k", tmp_path / "kh"))
+    other = tmp_path / "other.yml"
+    other.write_text(inventory.render_inventory("djmtest", {"lb1": ("lb", "10.90.1.10")}, tmp_path / "k", tmp_path / "kh"))
+    handwritten = tmp_path / "hand.yml"
+    handwritten.write_text("all:\n  hosts: {}\n")
+    assert not hosts.remove_generated_inventory(other, "djm")
+    assert not hosts.remove_generated_inventory(handwritten, "djm")
+    assert not hosts.remove_generated_inventory(tmp_path / "absent.yml", "djm")
+    assert hosts.remove_generated_inventory(ours, "djm")
+    assert not ours.exists() and other.exists() and handwritten.exists()
