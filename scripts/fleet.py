@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="HOST=IMAGE",
-        help="per-host image, repeatable, e.g. --image-map app2=debian12",
+        help="image per host or group (lb, app, db), repeatable; a host beats its group. E.g. --image-map app2=debian12",
     )
     up.add_argument("--http-port", type=port_number, help="publish lb1:80 on 127.0.0.1:PORT")
     up.add_argument("--subnet", help="fleet network subnet (default: a free /24 in 10.90.0.0/16)")

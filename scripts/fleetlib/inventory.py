@@ -43,7 +43,7 @@ def validate_fleet_name(name: str) -> str:
 
 
 def parse_image_map(items: list[str], known_images: list[str]) -> dict[str, str]:
-    """`--image-map app2=debian12` (repeatable) -> {"app2": "debian12"}."""
+    """`--image-map app2=debian12` (repeatable; a host or a group name) -> {"app2": "debian12"}."""
     mapping: dict[str, str] = {}
     for item in items:
         host, sep, image = item.partition("=")
@@ -69,10 +69,12 @@ def plan_hosts(apps: int, subnet: str, image: str, image_map: dict[str, str]) ->
     names = [("lb1", "lb", LB_OFFSET)]
     names += [(f"app{n}", "app", APP_BASE_OFFSET + n) for n in range(1, apps + 1)]
     names.append(("db1", "db", DB_OFFSET))
-    unknown = sorted(set(image_map) - {name for name, _, _ in names})
+    unknown = sorted(set(image_map) - {name for name, _, _ in names} - set(ROLE_ORDER))
     if unknown:
-        raise FleetError(f"--image-map names {', '.join(unknown)}, which is not a host of this fleet", EXIT_USAGE)
-    return [HostSpec(name, role, image_map.get(name, image), str(base + offset)) for name, role, offset in names]
+        raise FleetError(f"--image-map names {', '.join(unknown)}, which is not a host or group of this fleet", EXIT_USAGE)
+    return [
+        HostSpec(name, role, image_map.get(name, image_map.get(role, image)), str(base + offset)) for name, role, offset in names
+    ]
 
 
 def host_sort_key(name: str) -> tuple[int, str, int]:

@@ -125,6 +125,17 @@ def test_plan_hosts_gives_fixed_addresses_and_images() -> None:
     assert plan[0].container("djmtest") == "djmtest-lb1"
 
 
+def test_plan_hosts_maps_images_per_group_and_host() -> None:
+    plan = inventory.plan_hosts(3, "10.90.7.0/24", "debian11", {"app": "debian12", "app3": "debian11", "db": "debian12"})
+    assert {h.name: h.image for h in plan} == {
+        "lb1": "debian11",
+        "app1": "debian12",
+        "app2": "debian12",
+        "app3": "debian11",
+        "db1": "debian12",
+    }
+
+
 @pytest.mark.parametrize(
     ("apps", "subnet", "image_map", "message"),
     [
