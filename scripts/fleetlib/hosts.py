@@ -331,6 +331,14 @@ def ssh_error(paths: FleetPaths, ip: str) -> str:
     return (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
 
 
+def check_dns(paths: FleetPaths, hosts: dict[str, tuple[str, str]], source: str, target: str) -> None:
+    """The fleet network's DNS must give `target`'s address to `source` (aardvark-dns)."""
+    proc = run(ssh_argv(paths, hosts[source][1], "getent", "hosts", target), check=False, timeout=60)
+    answer = proc.stdout.split()[:1]
+    if answer != [hosts[target][1]]:
+        raise FleetError(f"DNS on the fleet network: {source} resolves {target} to {answer or 'nothing'}, not {hosts[target][1]}")
+
+
 def check_inventory_owner(inventory: Path, fleet: str) -> None:
     """Never overwrite an inventory that another fleet (or a human) wrote."""
     if not inventory.exists():
@@ -444,6 +452,9 @@ def up(
         still = [f"{name}: {error}" for name in broken if (error := ssh_error(paths, hosts[name][1]))]
         if still:
             raise FleetError(f"ssh as {SSH_USER} with sudo failed on {'; '.join(still)}")
+
+    if created and len(names) > 1:
+        check_dns(paths, hosts, names[0], names[-1])
 
     inv_changed = write_if_changed(inventory, render_inventory(fleet, hosts, paths.key, paths.known_hosts))
     previous = Path(load_state(paths).get("inventory") or inventory)
