@@ -12,9 +12,11 @@ import json
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +29,16 @@ REPO = Path(__file__).resolve().parents[2]
 FLEET_PY = REPO / "scripts" / "fleet.py"
 FLEET = "djmtest"
 LABEL = f"djm.fleet={FLEET}"
-UP_ARGS = ["up", "--name", FLEET, "--apps", "2", "--image-map", "app2=debian12"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+HTTP_PORT = free_port()
+UP_ARGS = ["up", "--name", FLEET, "--apps", "2", "--image-map", "app2=debian12", "--http-port", str(HTTP_PORT)]
 DEBIAN12_HOSTS = {"app2"}
 ENV = {
     **os.environ,
@@ -219,6 +230,36 @@ def test_up_repairs_a_host_whose_ssh_access_was_broken(fleet: Fleet) -> None:
     assert "changed: ansible user on app1" in proc.stdout, proc.stdout
     assert fleet.ssh_ok("app1", "sudo -n whoami") == "root"
     assert container_ids() == before
+
+
+def test_lb1_port_80_is_published_on_the_controller(fleet: Fleet) -> None:
+    assert f"lb1:80 is published on http://127.0.0.1:{HTTP_PORT}/" in fleet.up_output
+    server = "sudo systemd-run --unit djmtest-http --working-directory /usr/share/doc python3 -m http.server 80"
+    fleet.ssh_ok("lb1", server)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{HTTP_PORT}/", timeout=5) as response:
+                    assert response.status == 200
+                    assert b"python3" in response.read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+    finally:
+        fleet.ssh("lb1", "sudo systemctl stop djmtest-http")
+
+
+def test_up_fails_in_one_line_when_the_port_is_taken(fleet: Fleet, tmp_path: Path) -> None:
+    proc = fleet_py(
+        "up", "--name", "djmother", "--http-port", str(HTTP_PORT), "--inventory", str(tmp_path / "h.yml"), check=False
+    )
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stderr.strip() == f"fleet: port {HTTP_PORT} on 127.0.0.1 is taken: pick another --http-port"
+    assert sh(["podman", "network", "exists", "djmother-net"], check=False).returncode == 1
+    assert not (REPO / ".fleet" / "djmother").exists()
 
 
 def test_up_refuses_an_inventory_of_another_fleet(fleet: Fleet) -> None:
