@@ -238,8 +238,18 @@ def build_customers(plan: Plan, chunk: int, start: int, stop: int) -> dict[str, 
         customers.append(
             "\t".join(
                 (
-                    str(cid), _esc(email), _esc(first), _esc(last), phone, _esc(_street(rng)), _esc(city),
-                    _postcode(rng, country), country, f"sha1${salt}${digest}", "\\N", _ts(created),
+                    str(cid),
+                    _esc(email),
+                    _esc(first),
+                    _esc(last),
+                    phone,
+                    _esc(_street(rng)),
+                    _esc(city),
+                    _postcode(rng, country),
+                    country,
+                    f"sha1${salt}${digest}",
+                    "\\N",
+                    _ts(created),
                 )
             )
         )
@@ -249,15 +259,17 @@ def build_customers(plan: Plan, chunk: int, start: int, stop: int) -> dict[str, 
             "notifications": {"email": rng.random() < 0.7, "sms": rng.random() < 0.2, "push": rng.random() < 0.4},
             "last_viewed": [f"ACME-{rng.randint(1, plan.products):07d}" for _ in range(rng.randint(0, 5))],
         }
-        birth = (
-            dt.date(1940, 1, 1) + dt.timedelta(days=rng.randint(0, 365 * 65)) if rng.random() < 0.7 else None
-        )
+        birth = dt.date(1940, 1, 1) + dt.timedelta(days=rng.randint(0, 365 * 65)) if rng.random() < 0.7 else None
         profiles.append(
             "\t".join(
                 (
-                    str(cid), _esc(_sentences(rng, 0, 3)), birth.isoformat() if birth else "\\N",
-                    "t" if rng.random() < 0.35 else "f", _esc(json.dumps(prefs, ensure_ascii=False)),
-                    _ts(created + rng.randint(0, 400 * 86_400)), str(cid),
+                    str(cid),
+                    _esc(_sentences(rng, 0, 3)),
+                    birth.isoformat() if birth else "\\N",
+                    "t" if rng.random() < 0.35 else "f",
+                    _esc(json.dumps(prefs, ensure_ascii=False)),
+                    _ts(created + rng.randint(0, 400 * 86_400)),
+                    str(cid),
                 )
             )
         )
@@ -274,8 +286,14 @@ def build_products(plan: Plan, chunk: int, start: int, stop: int) -> dict[str, s
         rows.append(
             "\t".join(
                 (
-                    str(pid), f"ACME-{pid:07d}", _esc(name), _esc(_sentences(rng, 2, 8)), _esc(_category(rng)),
-                    f"{cents // 100}.{cents % 100:02d}", str(rng.randint(0, 500)), _ts(created),
+                    str(pid),
+                    f"ACME-{pid:07d}",
+                    _esc(name),
+                    _esc(_sentences(rng, 2, 8)),
+                    _esc(_category(rng)),
+                    f"{cents // 100}.{cents % 100:02d}",
+                    str(rng.randint(0, 500)),
+                    _ts(created),
                 )
             )
         )
@@ -293,8 +311,13 @@ def build_pages(plan: Plan, chunk: int, start: int, stop: int) -> dict[str, str]
         rows.append(
             "\t".join(
                 (
-                    str(pid), slug, _esc(title), _esc(body), "t" if rng.random() < 0.9 else "f",
-                    _ts(created), _ts(created + rng.randint(0, 200 * 86_400)),
+                    str(pid),
+                    slug,
+                    _esc(title),
+                    _esc(body),
+                    "t" if rng.random() < 0.9 else "f",
+                    _ts(created),
+                    _ts(created + rng.randint(0, 200 * 86_400)),
                 )
             )
         )
@@ -331,8 +354,15 @@ def build_orders(plan: Plan, chunk: int, start: int, stop: int) -> dict[str, str
         orders.append(
             "\t".join(
                 (
-                    str(oid), status, currency, amount, _esc(address), _esc(notes), _ts(created),
-                    _ts(created + rng.randint(60, 14 * 86_400)), str(customer),
+                    str(oid),
+                    status,
+                    currency,
+                    amount,
+                    _esc(address),
+                    _esc(notes),
+                    _ts(created),
+                    _ts(created + rng.randint(60, 14 * 86_400)),
+                    str(customer),
                 )
             )
         )
@@ -346,8 +376,11 @@ def build_orders(plan: Plan, chunk: int, start: int, stop: int) -> dict[str, str
             pay_id += 1
             provider = rng.choice(PROVIDERS)
             details = {
-                "card": {"brand": rng.choice(CARD_BRANDS), "last4": f"{rng.randint(0, 9999):04d}",
-                         "exp": f"{rng.randint(1, 12):02d}/{rng.randint(25, 32)}"},
+                "card": {
+                    "brand": rng.choice(CARD_BRANDS),
+                    "last4": f"{rng.randint(0, 9999):04d}",
+                    "exp": f"{rng.randint(1, 12):02d}/{rng.randint(25, 32)}",
+                },
                 "three_ds": rng.choice(("frictionless", "challenge", "not_enrolled")),
                 "risk_score": round(rng.random() * 100, 2),
                 "ip": f"{rng.randint(1, 223)}.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}",
@@ -360,8 +393,15 @@ def build_orders(plan: Plan, chunk: int, start: int, stop: int) -> dict[str, str
             payments.append(
                 "\t".join(
                     (
-                        str(pay_id), amount, currency, pay_status, provider, reference,
-                        _esc(json.dumps(details, ensure_ascii=False)), _ts(created + 30 + n * 300), str(oid),
+                        str(pay_id),
+                        amount,
+                        currency,
+                        pay_status,
+                        provider,
+                        reference,
+                        _esc(json.dumps(details, ensure_ascii=False)),
+                        _ts(created + 30 + n * 300),
+                        str(oid),
                     )
                 )
             )
@@ -427,11 +467,7 @@ def check_schema(conn: psycopg.Connection[Any], truncate: bool) -> None:
         "SELECT table_name FROM information_schema.columns WHERE table_schema = current_schema()"
         " AND table_name = 'products' AND column_name = 'category' AND data_type = 'character varying'"
     ).fetchall()
-    missing = [
-        t
-        for t in TABLES
-        if conn.execute("SELECT to_regclass(%s)", [t]).fetchone() in (None, (None,))
-    ]
+    missing = [t for t in TABLES if conn.execute("SELECT to_regclass(%s)", [t]).fetchone() in (None, (None,))]
     if missing or not rows:
         raise SystemExit(
             "gen_data: this is not the ACME v1 schema (missing: "
@@ -451,9 +487,9 @@ def finish(conn: psycopg.Connection[Any]) -> None:
     """Move every sequence past the ids COPY wrote, then ANALYZE."""
     for table in TABLES:
         conn.execute(
-            sql.SQL(
-                "SELECT setval(pg_get_serial_sequence({name}, 'id'), coalesce(max(id), 0) + 1, false) FROM {table}"
-            ).format(name=sql.Literal(table), table=sql.Identifier(table))
+            sql.SQL("SELECT setval(pg_get_serial_sequence({name}, 'id'), coalesce(max(id), 0) + 1, false) FROM {table}").format(
+                name=sql.Literal(table), table=sql.Identifier(table)
+            )
         )
     conn.commit()
     conn.autocommit = True

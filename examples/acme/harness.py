@@ -146,9 +146,7 @@ def fingerprint(dsn: str, tables: tuple[str, ...] | None = None) -> dict[str, tu
         if tables is None:
             tables = tuple(
                 r[0]
-                for r in conn.execute(
-                    "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY tablename"
-                ).fetchall()
+                for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY tablename").fetchall()
             )
         result = {}
         for table in tables:

@@ -58,8 +58,7 @@ def test_v2_forward_then_back_to_the_v1_leaves_restores_the_data(pg_cluster: h.C
     linked = dict(
         h.query(
             dsn,
-            "SELECT lower(c.name), count(*) FROM products AS p"
-            " JOIN catalog_categories AS c ON c.id = p.category_id GROUP BY 1",
+            "SELECT lower(c.name), count(*) FROM products AS p JOIN catalog_categories AS c ON c.id = p.category_id GROUP BY 1",
         )
     )
     assert linked == expected

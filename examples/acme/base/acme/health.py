@@ -1,4 +1,5 @@
 """GET /healthz: is this process able to serve, and what is it running."""
+
 import logging
 import platform
 

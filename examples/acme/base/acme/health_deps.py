@@ -3,6 +3,7 @@
 Each entry is (name, callable); the callable raises when the dependency is
 unusable. A release that ships without something listed here answers 503.
 """
+
 from django.template.loader import get_template
 
 

@@ -2,6 +2,7 @@
 
 A release overlay replaces this file to raise the floor (v2 needs Python 3.11).
 """
+
 import platform
 import sys
 

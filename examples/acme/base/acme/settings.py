@@ -4,6 +4,7 @@ Everything that differs between hosts comes from environment variables; the
 contract (names, defaults, what is required) is documented in
 docs/fixture-app.md. Nothing here is host-specific.
 """
+
 import os
 from pathlib import Path
 

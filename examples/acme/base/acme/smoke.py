@@ -3,6 +3,7 @@
 * GET  /smoke/profile/<customer_id>  profile access
 * POST /smoke/checkout               order + payment in one transaction
 """
+
 import json
 import uuid
 from decimal import Decimal
@@ -89,18 +90,13 @@ def _checkout(data):
         except (TypeError, ValueError):
             raise CheckoutError(400, "customer_id must be an integer") from None
     customer = (
-        Customer.objects.filter(pk=customer_id).first()
-        if customer_id is not None
-        else Customer.objects.order_by("id").first()
+        Customer.objects.filter(pk=customer_id).first() if customer_id is not None else Customer.objects.order_by("id").first()
     )
     if customer is None:
         raise CheckoutError(404, "no such customer")
     wanted = _items(data)
     # Lock the product rows in id order (no deadlock between two checkouts).
-    products = {
-        p.pk: p
-        for p in Product.objects.select_for_update().filter(pk__in=[pid for pid, _ in wanted]).order_by("id")
-    }
+    products = {p.pk: p for p in Product.objects.select_for_update().filter(pk__in=[pid for pid, _ in wanted]).order_by("id")}
     lines = []
     for product_id, quantity in wanted:
         product = products.get(product_id)
@@ -147,8 +143,7 @@ def checkout(request):
         with transaction.atomic():
             order, payment = _checkout(data)
             remaining = {
-                p["id"]: p["inventory"]
-                for p in Product.objects.filter(order_items__order=order).values("id", "inventory")
+                p["id"]: p["inventory"] for p in Product.objects.filter(order_items__order=order).values("id", "inventory")
             }
             if dry_run:
                 transaction.set_rollback(True)

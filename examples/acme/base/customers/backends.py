@@ -6,6 +6,7 @@ login the backend creates (or reuses) the linked ``auth.User``, stores the
 password with Django's current hasher and erases the legacy hash, all in one
 transaction. Later logins check the Django hash only.
 """
+
 from django.contrib.auth import get_user_model
 from django.contrib.auth.backends import BaseBackend
 from django.contrib.auth.hashers import make_password

@@ -1,4 +1,5 @@
 """The legacy shop's password format: ``sha1$<salt>$<hex sha1(salt + password)>``."""
+
 import hashlib
 import hmac
 

@@ -51,9 +51,7 @@ def normalize(apps, schema_editor):
             "INSERT INTO acme_category_map (raw, category_id) VALUES (%s, %s)",
             [(raw, id_of_key[key]) for raw, key in sorted(key_of.items())],
         )
-        cursor.execute(
-            "INSERT INTO catalog_legacy_product_categories (product_id, raw_value) SELECT id, category FROM products"
-        )
+        cursor.execute("INSERT INTO catalog_legacy_product_categories (product_id, raw_value) SELECT id, category FROM products")
         cursor.execute(
             "UPDATE products AS p SET category_ref_id = m.category_id FROM acme_category_map AS m WHERE m.raw = p.category"
         )

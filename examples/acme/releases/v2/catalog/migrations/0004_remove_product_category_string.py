@@ -53,8 +53,6 @@ class Migration(migrations.Migration):
         migrations.AlterField(
             model_name="product",
             name="category",
-            field=models.ForeignKey(
-                on_delete=django.db.models.deletion.PROTECT, related_name="products", to="catalog.category"
-            ),
+            field=models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name="products", to="catalog.category"),
         ),
     ]
