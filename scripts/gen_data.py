@@ -33,7 +33,7 @@ import random
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -113,6 +113,15 @@ CARD_BRANDS = ("visa", "mastercard", "amex", "maestro")
 THEMES = ("light", "dark", "system")
 
 
+def _ri(rng: random.Random, low: int, high: int) -> int:
+    """rng.randint without its Python-level layers (about 3x faster; same uniform distribution)."""
+    return low + int(rng.random() * (high - low + 1))
+
+
+def _pick(rng: random.Random, seq: Sequence[Any]) -> Any:
+    return seq[int(rng.random() * len(seq))]
+
+
 def _vocabulary(size: int = 6000) -> list[str]:
     """A fixed pseudo-English vocabulary (independent of --seed)."""
     rng = random.Random(20201)  # noqa: S311 - test data, not secrets
@@ -122,8 +131,8 @@ def _vocabulary(size: int = 6000) -> list[str]:
     o, n, c = onsets.split(), nuclei.split(), codas.split(" ")
     words: set[str] = set()
     while len(words) < size:
-        syllables = rng.choice((1, 1, 2, 2, 2, 3, 3, 4))
-        words.add("".join(rng.choice(o) + rng.choice(n) + rng.choice(c) for _ in range(syllables)))
+        syllables = _pick(rng, (1, 1, 2, 2, 2, 3, 3, 4))
+        words.add("".join(_pick(rng, o) + _pick(rng, n) + _pick(rng, c) for _ in range(syllables)))
     return sorted(words)
 
 
@@ -184,27 +193,27 @@ def _ts(epoch: float) -> str:
 
 
 def _words(rng: random.Random, low: int, high: int) -> str:
-    return " ".join(rng.choices(VOCAB, k=rng.randint(low, high)))
+    return " ".join(rng.choices(VOCAB, k=_ri(rng, low, high)))
 
 
 def _sentences(rng: random.Random, low: int, high: int) -> str:
     out = []
-    for _ in range(rng.randint(low, high)):
+    for _ in range(_ri(rng, low, high)):
         text = _words(rng, 5, 16)
-        out.append(text[0].upper() + text[1:] + rng.choice(".....!?"))
+        out.append(text[0].upper() + text[1:] + _pick(rng, ".....!?"))
     return " ".join(out)
 
 
 def _street(rng: random.Random) -> str:
-    return f"{rng.randint(1, 240)} {rng.choice(VOCAB).capitalize()} {rng.choice(STREET_KINDS)}"
+    return f"{_ri(rng, 1, 240)} {_pick(rng, VOCAB).capitalize()} {_pick(rng, STREET_KINDS)}"
 
 
 def _postcode(rng: random.Random, country: str) -> str:
     if country in ("GB", "IE"):
         letters = "ABCDEFGHJKLMNPRSTUWXYZ"
-        outward = f"{rng.choice(letters)}{rng.choice(letters)}{rng.randint(1, 29)}"
-        return f"{outward} {rng.randint(1, 9)}{rng.choice(letters)}{rng.choice(letters)}"
-    return f"{rng.randint(1000, 99999):05d}"
+        outward = f"{_pick(rng, letters)}{_pick(rng, letters)}{_ri(rng, 1, 29)}"
+        return f"{outward} {_ri(rng, 1, 9)}{_pick(rng, letters)}{_pick(rng, letters)}"
+    return f"{_ri(rng, 1000, 99999):05d}"
 
 
 def _price(plan: Plan, product_id: int) -> int:
@@ -227,14 +236,14 @@ def build_customers(plan: Plan, chunk: int, start: int, stop: int) -> dict[str, 
     rng = _rng(plan, "customers", chunk)
     customers, profiles = [], []
     for cid in range(start, stop):
-        first, last = rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES)
-        country, city = rng.choice(CITIES)
+        first, last = _pick(rng, FIRST_NAMES), _pick(rng, LAST_NAMES)
+        country, city = _pick(rng, CITIES)
         local = re.sub(r"[^a-z0-9.]", "", f"{first}.{last}".lower().replace(" ", "")) or "customer"
-        email = f"{local}.{cid}@{rng.choice(MAIL_DOMAINS)}"
+        email = f"{local}.{cid}@{_pick(rng, MAIL_DOMAINS)}"
         salt = f"{rng.getrandbits(48):012x}"
         digest = hashlib.sha1(f"{salt}acme-{cid}".encode()).hexdigest()  # noqa: S324 - the legacy format itself
-        created = EPOCH_START + (EPOCH_END - EPOCH_START) * (cid - 1) // max(1, plan.customers) + rng.randint(0, 86_400)
-        phone = f"+44 {rng.randint(7000, 7999)} {rng.randint(100000, 999999)}" if rng.random() < 0.8 else ""
+        created = EPOCH_START + (EPOCH_END - EPOCH_START) * (cid - 1) // max(1, plan.customers) + _ri(rng, 0, 86_400)
+        phone = f"+44 {_ri(rng, 7000, 7999)} {_ri(rng, 100000, 999999)}" if rng.random() < 0.8 else ""
         customers.append(
             "\t".join(
                 (
@@ -254,12 +263,12 @@ def build_customers(plan: Plan, chunk: int, start: int, stop: int) -> dict[str, 
             )
         )
         prefs = {
-            "theme": rng.choice(THEMES),
-            "newsletter_topics": rng.sample(CATEGORIES, rng.randint(0, 3)),
+            "theme": _pick(rng, THEMES),
+            "newsletter_topics": rng.sample(CATEGORIES, _ri(rng, 0, 3)),
             "notifications": {"email": rng.random() < 0.7, "sms": rng.random() < 0.2, "push": rng.random() < 0.4},
-            "last_viewed": [f"ACME-{rng.randint(1, plan.products):07d}" for _ in range(rng.randint(0, 5))],
+            "last_viewed": [f"ACME-{_ri(rng, 1, plan.products):07d}" for _ in range(_ri(rng, 0, 5))],
         }
-        birth = dt.date(1940, 1, 1) + dt.timedelta(days=rng.randint(0, 365 * 65)) if rng.random() < 0.7 else None
+        birth = dt.date(1940, 1, 1) + dt.timedelta(days=_ri(rng, 0, 365 * 65)) if rng.random() < 0.7 else None
         profiles.append(
             "\t".join(
                 (
@@ -268,7 +277,7 @@ def build_customers(plan: Plan, chunk: int, start: int, stop: int) -> dict[str, 
                     birth.isoformat() if birth else "\\N",
                     "t" if rng.random() < 0.35 else "f",
                     _esc(json.dumps(prefs, ensure_ascii=False)),
-                    _ts(created + rng.randint(0, 400 * 86_400)),
+                    _ts(created + _ri(rng, 0, 400 * 86_400)),
                     str(cid),
                 )
             )
@@ -280,9 +289,9 @@ def build_products(plan: Plan, chunk: int, start: int, stop: int) -> dict[str, s
     rng = _rng(plan, "products", chunk)
     rows = []
     for pid in range(start, stop):
-        name = " ".join(w.capitalize() for w in rng.choices(VOCAB, k=rng.randint(2, 4)))
+        name = " ".join(w.capitalize() for w in rng.choices(VOCAB, k=_ri(rng, 2, 4)))
         cents = _price(plan, pid)
-        created = EPOCH_START + rng.randint(0, EPOCH_END - EPOCH_START)
+        created = EPOCH_START + _ri(rng, 0, EPOCH_END - EPOCH_START)
         rows.append(
             "\t".join(
                 (
@@ -292,7 +301,7 @@ def build_products(plan: Plan, chunk: int, start: int, stop: int) -> dict[str, s
                     _esc(_sentences(rng, 2, 8)),
                     _esc(_category(rng)),
                     f"{cents // 100}.{cents % 100:02d}",
-                    str(rng.randint(0, 500)),
+                    str(_ri(rng, 0, 500)),
                     _ts(created),
                 )
             )
@@ -304,10 +313,10 @@ def build_pages(plan: Plan, chunk: int, start: int, stop: int) -> dict[str, str]
     rng = _rng(plan, "cms_pages", chunk)
     rows = []
     for pid in range(start, stop):
-        title = " ".join(w.capitalize() for w in rng.choices(VOCAB, k=rng.randint(2, 6)))
+        title = " ".join(w.capitalize() for w in rng.choices(VOCAB, k=_ri(rng, 2, 6)))
         slug = "-".join(title.lower().split())[:100] + f"-{pid}"
-        body = "\n\n".join(_sentences(rng, 2, 7) for _ in range(rng.randint(2, 8)))
-        created = EPOCH_START + rng.randint(0, EPOCH_END - EPOCH_START)
+        body = "\n\n".join(_sentences(rng, 2, 7) for _ in range(_ri(rng, 2, 8)))
+        created = EPOCH_START + _ri(rng, 0, EPOCH_END - EPOCH_START)
         rows.append(
             "\t".join(
                 (
@@ -317,7 +326,7 @@ def build_pages(plan: Plan, chunk: int, start: int, stop: int) -> dict[str, str]
                     _esc(body),
                     "t" if rng.random() < 0.9 else "f",
                     _ts(created),
-                    _ts(created + rng.randint(0, 200 * 86_400)),
+                    _ts(created + _ri(rng, 0, 200 * 86_400)),
                 )
             )
         )
@@ -333,21 +342,21 @@ def build_orders(plan: Plan, chunk: int, start: int, stop: int) -> dict[str, str
     pay_id = (start - 1) * 2
     span = EPOCH_END - EPOCH_START
     for oid in range(start, stop):
-        customer = rng.randint(1, plan.customers)
+        customer = _ri(rng, 1, plan.customers)
         status = rng.choices(statuses, weights=status_w)[0]
         currency = rng.choices(currencies, weights=currency_w)[0]
-        created = EPOCH_START + span * (oid - 1) // plan.orders + rng.randint(0, 3600)
+        created = EPOCH_START + span * (oid - 1) // plan.orders + _ri(rng, 0, 3600)
         total = 0
-        for _ in range(rng.choice((1, 1, 2, 2, 2, 3, 3))):
+        for _ in range(_pick(rng, (1, 1, 2, 2, 2, 3, 3))):
             item_id += 1
-            product = rng.randint(1, plan.products)
+            product = _ri(rng, 1, plan.products)
             cents = _price(plan, product)
-            quantity = rng.choice((1, 1, 1, 1, 2, 2, 3, 5))
+            quantity = _pick(rng, (1, 1, 1, 1, 2, 2, 3, 5))
             total += cents * quantity
             items.append(f"{item_id}\t{quantity}\t{cents // 100}.{cents % 100:02d}\t{oid}\t{product}")
         item_id = oid * 3
-        country, city = rng.choice(CITIES)
-        recipient = f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
+        country, city = _pick(rng, CITIES)
+        recipient = f"{_pick(rng, FIRST_NAMES)} {_pick(rng, LAST_NAMES)}"
         address = f"{recipient}\n{_street(rng)}\n{_postcode(rng, country)} {city}\n{country}"
         notes = _sentences(rng, 1, 6) if rng.random() < 0.75 else ""
         amount = f"{total // 100}.{total % 100:02d}"
@@ -361,7 +370,7 @@ def build_orders(plan: Plan, chunk: int, start: int, stop: int) -> dict[str, str
                     _esc(address),
                     _esc(notes),
                     _ts(created),
-                    _ts(created + rng.randint(60, 14 * 86_400)),
+                    _ts(created + _ri(rng, 60, 14 * 86_400)),
                     str(customer),
                 )
             )
@@ -374,21 +383,21 @@ def build_orders(plan: Plan, chunk: int, start: int, stop: int) -> dict[str, str
             attempts = [_paid_status(status)]
         for n, pay_status in enumerate(attempts):
             pay_id += 1
-            provider = rng.choice(PROVIDERS)
+            provider = _pick(rng, PROVIDERS)
             details = {
                 "card": {
-                    "brand": rng.choice(CARD_BRANDS),
-                    "last4": f"{rng.randint(0, 9999):04d}",
-                    "exp": f"{rng.randint(1, 12):02d}/{rng.randint(25, 32)}",
+                    "brand": _pick(rng, CARD_BRANDS),
+                    "last4": f"{_ri(rng, 0, 9999):04d}",
+                    "exp": f"{_ri(rng, 1, 12):02d}/{_ri(rng, 25, 32)}",
                 },
-                "three_ds": rng.choice(("frictionless", "challenge", "not_enrolled")),
+                "three_ds": _pick(rng, ("frictionless", "challenge", "not_enrolled")),
                 "risk_score": round(rng.random() * 100, 2),
-                "ip": f"{rng.randint(1, 223)}.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}",
-                "billing": {"name": f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}", "city": city, "country": country},
+                "ip": f"{_ri(rng, 1, 223)}.{_ri(rng, 0, 255)}.{_ri(rng, 0, 255)}.{_ri(rng, 1, 254)}",
+                "billing": {"name": f"{_pick(rng, FIRST_NAMES)} {_pick(rng, LAST_NAMES)}", "city": city, "country": country},
                 "provider_message": _words(rng, 1, 4),
             }
             if pay_status == "failed":
-                details["decline_code"] = rng.choice(("insufficient_funds", "do_not_honor", "expired_card", "fraudulent"))
+                details["decline_code"] = _pick(rng, ("insufficient_funds", "do_not_honor", "expired_card", "fraudulent"))
             reference = f"{provider[:2]}_{rng.getrandbits(96):024x}"
             payments.append(
                 "\t".join(
