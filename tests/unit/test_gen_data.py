@@ -152,3 +152,25 @@ def test_refuses_a_database_without_the_v1_schema(pg_cluster: h.Cluster) -> None
     result = h.run_gen_data(dsn, SIZE, 5)
     assert result.returncode != 0
     assert "not the ACME v1 schema" in result.stderr + result.stdout
+
+
+@pytest.mark.slow
+def test_non_superuser_owner_gets_the_same_data(pg_cluster: h.Cluster, loaded: tuple[str, dict[str, object]]) -> None:
+    """As the app's own (non-superuser) role FK triggers stay on and parents load first: same rows."""
+    h.query(pg_cluster.dsn(), "DROP DATABASE IF EXISTS acme_gen_owned")
+    h.query(pg_cluster.dsn(), "DROP ROLE IF EXISTS acme_gen_app")
+    h.query(pg_cluster.dsn(), "CREATE ROLE acme_gen_app LOGIN")
+    h.query(pg_cluster.dsn(), "CREATE DATABASE acme_gen_owned OWNER acme_gen_app")
+    env = h.django_env(pg_cluster, "acme_gen_owned", DATABASE_USER="acme_gen_app")
+    h.must(h.manage("v1", env, "migrate", "--noinput", "-v0"))
+    dsn = pg_cluster.dsn("acme_gen_owned").replace("user=postgres", "user=acme_gen_app")
+    assert h.query(dsn, "SELECT rolsuper FROM pg_roles WHERE rolname = current_user") == [(False,)]
+    result = h.run_gen_data(dsn, SIZE, 5)
+    assert result.returncode == 0, result.stderr
+    assert db_fingerprint.compare({"tables": data_fingerprint(loaded[0])}, {"tables": data_fingerprint(dsn)}) == []
+    analyzed = h.query(
+        dsn,
+        "SELECT count(*) FROM pg_stat_user_tables WHERE last_analyze IS NOT NULL AND relname = ANY(%s)",
+        [list(h.DATA_TABLES)],
+    )
+    assert analyzed == [(len(h.DATA_TABLES),)]
