@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import ipaddress
 import json
+import secrets
 import shutil
 import socket
 import subprocess
@@ -32,7 +33,7 @@ from fleetlib.common import (
     require_tools,
     run,
 )
-from fleetlib.inventory import HostSpec, host_sort_key, inventory_marker, plan_hosts, render_inventory
+from fleetlib.inventory import LOCAL_SECRET_NAMES, HostSpec, host_sort_key, inventory_marker, plan_hosts, render_inventory
 from fleetlib.recipe import IMAGE_REPO_PREFIX
 
 FLEET_DIR = REPO_ROOT / ".fleet"
@@ -91,6 +92,18 @@ class FleetPaths:
     @property
     def state(self) -> Path:
         return self.dir / "state.json"
+
+    @property
+    def secrets(self) -> Path:
+        return self.dir / "secrets.json"
+
+
+def ensure_secrets(paths: FleetPaths) -> dict[str, str]:
+    """Random per-fleet values for the local inventory's vault variables, stable across `up` runs."""
+    current: dict[str, str] = json.loads(paths.secrets.read_text()) if paths.secrets.is_file() else {}
+    wanted = {name: current.get(name) or secrets.token_urlsafe(32) for name in LOCAL_SECRET_NAMES}
+    write_if_changed(paths.secrets, json.dumps(wanted, indent=2, sort_keys=True) + "\n", 0o600)
+    return wanted
 
 
 def parallel(func: Callable[[T], R], items: Sequence[T]) -> list[R]:
@@ -456,7 +469,8 @@ def up(
     if created and len(names) > 1:
         check_dns(paths, hosts, names[0], names[-1])
 
-    inv_changed = write_if_changed(inventory, render_inventory(fleet, hosts, paths.key, paths.known_hosts))
+    rendered = render_inventory(fleet, hosts, paths.key, paths.known_hosts, ensure_secrets(paths))
+    inv_changed = write_if_changed(inventory, rendered, 0o600)
     previous = Path(load_state(paths).get("inventory") or inventory)
     if previous != inventory and remove_generated_inventory(previous, fleet):
         log(f"removed the fleet's previous inventory {previous}")

@@ -88,8 +88,19 @@ def _quote(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid YAML double-quoted scalar
 
 
-def render_inventory(fleet: str, hosts: dict[str, tuple[str, str]], key_file: Path, known_hosts: Path) -> str:
-    """YAML inventory: groups lb, app, db; per host ansible_host/user/key/ssh args.
+# The local fleet's stand-in for an ansible-vault file: staging and production keep these in an
+# encrypted group_vars/all/vault.yml; the local fleet generates random values per fleet.
+LOCAL_SECRET_NAMES = ("vault_project_db_password", "vault_project_secret_key")
+
+
+def render_inventory(
+    fleet: str,
+    hosts: dict[str, tuple[str, str]],
+    key_file: Path,
+    known_hosts: Path,
+    secrets: dict[str, str] | None = None,
+) -> str:
+    """YAML inventory: groups lb, app, db; per host ansible_host/user/key/ssh args; `secrets` as all.vars.
 
     `hosts` maps inventory name -> (group, IP address).
     """
@@ -107,4 +118,6 @@ def render_inventory(fleet: str, hosts: dict[str, tuple[str, str]], key_file: Pa
                 f"          ansible_ssh_common_args: {_quote(common_args)}",
                 "          ansible_python_interpreter: /usr/bin/python3",
             ]
+    if secrets:
+        lines += ["  vars:"] + [f"    {name}: {_quote(value)}" for name, value in sorted(secrets.items())]
     return "\n".join(lines) + "\n"

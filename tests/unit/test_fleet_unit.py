@@ -195,6 +195,24 @@ def test_render_inventory_is_valid_yaml_with_groups_and_hostvars(tmp_path: Path)
     assert children["db"]["hosts"]["db1"]["ansible_host"] == "10.90.0.11"
 
 
+def test_render_inventory_puts_local_secrets_in_all_vars(tmp_path: Path) -> None:
+    secrets = {"vault_project_db_password": 'p"w:1', "vault_project_secret_key": "k#2"}
+    text = inventory.render_inventory("djm", {"lb1": ("lb", "10.90.0.10")}, tmp_path / "k", tmp_path / "kh", secrets)
+    assert yaml.safe_load(text)["all"]["vars"] == secrets
+
+
+def test_local_secrets_are_random_per_fleet_and_stable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fleetlib import hosts
+
+    monkeypatch.setattr(hosts, "FLEET_DIR", tmp_path)
+    first = hosts.ensure_secrets(hosts.FleetPaths("djm"))
+    assert set(first) == set(inventory.LOCAL_SECRET_NAMES)
+    assert all(len(value) >= 40 for value in first.values())
+    assert hosts.ensure_secrets(hosts.FleetPaths("djm")) == first
+    assert hosts.ensure_secrets(hosts.FleetPaths("other")) != first
+    assert (tmp_path / "djm" / "secrets.json").stat().st_mode & 0o777 == 0o600
+
+
 @pytest.mark.skipif(shutil.which("ansible-inventory") is None, reason="ansible-inventory not on PATH")
 def test_rendered_inventory_reads_in_ansible(tmp_path: Path) -> None:
     path = tmp_path / "hosts.yml"
