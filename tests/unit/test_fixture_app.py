@@ -178,7 +178,7 @@ def test_smoke_endpoints_over_http_on_generated_data(pg_cluster: h.Cluster) -> N
         code, body = h.http_get(base + f"/pages/{slug}")
         assert code == 200 and b"release v1" in body
         request = urllib.request.Request(base + "/smoke/checkout", data=b"", method="POST")  # noqa: S310 - local
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - local test server
+        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - local test server
             checkout = json.loads(response.read())
             assert response.status == 201
     ((orders, payments),) = h.query(

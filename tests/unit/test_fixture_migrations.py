@@ -171,9 +171,9 @@ def test_old_code_on_the_migrated_database(pg_cluster: h.Cluster, generated: str
         assert h.http_get(base + f"/pages/{slug}")[0] == 200
         request = urllib.request.Request(base + "/smoke/checkout?dry_run=1", data=b"", method="POST")  # noqa: S310 - local
         with pytest.raises(urllib.error.HTTPError) as failure:
-            urllib.request.urlopen(request, timeout=10)  # noqa: S310 - local test server
+            urllib.request.urlopen(request, timeout=30)  # noqa: S310 - local test server
         assert failure.value.code == 500
     with h.gunicorn("v2", env) as base:
         request = urllib.request.Request(base + "/smoke/checkout?dry_run=1", data=b"", method="POST")  # noqa: S310 - local
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - local test server
+        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - local test server
             assert response.status == 200
