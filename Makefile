@@ -60,8 +60,8 @@ test: setup ## Everything CI runs: set-up (idempotent), lint, unit, every Molecu
 	$(MAKE) test-fast && $(MAKE) test-molecule && $(MAKE) test-fleet || rc=$$?; \
 	echo "=== make test: exit $$rc after $$(( $$(date +%s) - t0 ))s"; exit $$rc
 
-demo: fleet-up ## Bring the fleet up and deploy the fixture app through lb1
-	$(PY) scripts/fleet.py demo
+demo: setup ## The local fleet running the fixture app v1 with generated data, served through lb1 (127.0.0.1:8080)
+	$(PY) scripts/demo.py --apps $(APPS)
 
 clean: fleet-down ## fleet-down, then remove build artefacts
 	rm -rf build .cache
