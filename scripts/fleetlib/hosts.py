@@ -101,7 +101,10 @@ class FleetPaths:
 def ensure_secrets(paths: FleetPaths) -> dict[str, str]:
     """Random per-fleet values for the local inventory's vault variables, stable across `up` runs."""
     current: dict[str, str] = json.loads(paths.secrets.read_text()) if paths.secrets.is_file() else {}
-    wanted = {name: current.get(name) or secrets.token_urlsafe(32) for name in LOCAL_SECRET_NAMES}
+    # 48 random bytes = 64 characters: Django's check --deploy wants a SECRET_KEY of 50 or more.
+    wanted = {
+        name: value if len(value := current.get(name, "")) >= 64 else secrets.token_urlsafe(48) for name in LOCAL_SECRET_NAMES
+    }
     write_if_changed(paths.secrets, json.dumps(wanted, indent=2, sort_keys=True) + "\n", 0o600)
     return wanted
 

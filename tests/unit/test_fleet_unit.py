@@ -207,7 +207,7 @@ def test_local_secrets_are_random_per_fleet_and_stable(tmp_path: Path, monkeypat
     monkeypatch.setattr(hosts, "FLEET_DIR", tmp_path)
     first = hosts.ensure_secrets(hosts.FleetPaths("djm"))
     assert set(first) == set(inventory.LOCAL_SECRET_NAMES)
-    assert all(len(value) >= 40 for value in first.values())
+    assert all(len(value) >= 64 for value in first.values())
     assert hosts.ensure_secrets(hosts.FleetPaths("djm")) == first
     assert hosts.ensure_secrets(hosts.FleetPaths("other")) != first
     assert (tmp_path / "djm" / "secrets.json").stat().st_mode & 0o777 == 0o600
