@@ -117,6 +117,8 @@ def test_pg_hba_has_the_app_entry_and_the_server_accepts_it(host: Any, address: 
     hba = host.file(f"/etc/postgresql/{major(host)}/main/pg_hba.conf")
     entries = [line.split() for line in hba.content_string.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     assert ["host", APP_DB, APP_USER, f"{address}/32", "scram-sha-256"] in entries
+    # The default source: the app group's host (molecule.yml), one /32 entry.
+    assert ["host", APP_DB, APP_USER, "192.0.2.55/32", "scram-sha-256"] in entries
     # Debian's own peer entry for postgres stays first.
     assert entries[0][:3] == ["local", "all", "postgres"]
     assert hba.user == "postgres"
