@@ -65,13 +65,18 @@ def test_manifest_describes_the_database(host: Any) -> None:
     assert set(tables) == {"public.customers", "public.orders", "public.order_notes", "public.django_migrations"}
     assert tables["public.orders"]["rows"] == 150000 and tables["public.customers"]["rows"] == 5000
     assert [(r["app"], r["name"]) for r in doc["migrations"]["rows"]] == [
-        ("contenttypes", "0001_initial"), ("shop", "0001_initial"), ("shop", "0002_orders")]
+        ("contenttypes", "0001_initial"),
+        ("shop", "0001_initial"),
+        ("shop", "0002_orders"),
+    ]
     assert doc["database_properties"]["owner"] == "molecule_app"
 
 
 def test_fingerprints_in_the_manifest_equal_the_live_database(host: Any) -> None:
-    result = host.run(f"runuser -u postgres -- /opt/pg-tools/venv/bin/python /opt/pg-tools/venv/bin/db_fingerprint.py "
-                      f"compare {BACKUPS}/rel-1/manifest.json dsn:dbname={DB}")
+    result = host.run(
+        f"runuser -u postgres -- /opt/pg-tools/venv/bin/python /opt/pg-tools/venv/bin/db_fingerprint.py "
+        f"compare {BACKUPS}/rel-1/manifest.json dsn:dbname={DB}"
+    )
     assert result.rc == 0, result.stdout + result.stderr
 
 

@@ -1,0 +1,435 @@
+#!/usr/bin/env python3
+"""Benchmark our backup and restore against raw pg_dump / pg_restore, side by side, in one run.
+
+On a throwaway PostgreSQL cluster on this machine (initdb under --workdir, a free port; kept between
+runs together with the generated data set, so the data is made once):
+
+    scripts/bench_backup.py [--workdir /var/tmp/djm-bench] [--size 2GB] [--jobs 2] [--compress 1]
+
+1. data: the ACME v1 schema (manage.py migrate of the fixture app's v1) filled by scripts/gen_data.py;
+2. raw  `pg_dump -Fd -j N -Z c`                           vs  our dump phase (pg_dump --snapshot inside
+   the exported snapshot, timed by the program) and our whole backup: fingerprints + dump + checksums +
+   manifest, then verification without and with the test restore;
+3. raw  `pg_restore -j N` into a new database              vs  our restore: checksum re-verification,
+   restore into <db>__restore_<ts>, fingerprint equality, ANALYZE, live comparison and the swap.
+
+Our side runs the programs the roles ship (roles/pg_backup/files/pg_snapshot_backup.py,
+roles/pg_restore/files/pg_snapshot_restore.py), exactly as the roles call them. Prints seconds, GB/min
+(database size, pg_database_size, per minute), ratios against the targets, and the extrapolation to a
+50 GB database; writes the figures as JSON into the workdir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+REPO = Path(__file__).resolve().parent.parent
+BACKUP_PROGRAM = REPO / "roles" / "pg_backup" / "files" / "pg_snapshot_backup.py"
+RESTORE_PROGRAM = REPO / "roles" / "pg_restore" / "files" / "pg_snapshot_restore.py"
+GEN_DATA = REPO / "scripts" / "gen_data.py"
+DB = "acme"
+TARGET_GB = 50.0
+PG_VERSIONS = ("17", "16", "15", "14", "13")
+
+
+def log(message: str) -> None:
+    sys.stderr.write(f"[{datetime.datetime.now():%H:%M:%S}] {message}\n")
+    sys.stderr.flush()
+
+
+def as_postgres(argv: list[str]) -> list[str]:
+    """initdb/pg_ctl refuse root: run them as the postgres OS user when we are root."""
+    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Cluster:
+    """A throwaway PostgreSQL server under workdir/pgdata, reached over TCP as the postgres superuser."""
+
+    bindir: Path
+    datadir: Path
+    port: int
+    host: str = "127.0.0.1"
+    user: str = "postgres"
+
+    def dsn(self, dbname: str = "postgres") -> str:
+        return f"host={self.host} port={self.port} user={self.user} dbname={dbname}"
+
+    def bin(self, name: str) -> str:
+        return str(self.bindir / name)
+
+    def createdb(self, name: str, template: str = "template0") -> str:
+        with psycopg.connect(self.dsn(), autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template)))
+        return self.dsn(name)
+
+    def execute(self, statement: str, dbname: str = "postgres") -> Any:
+        with psycopg.connect(self.dsn(dbname), autocommit=True) as conn:
+            row = conn.execute(statement).fetchone()
+            return row[0] if row else None
+
+
+def find_bindir(override: str) -> Path:
+    if override:
+        return Path(override)
+    for version in PG_VERSIONS:
+        candidate = Path(f"/usr/lib/postgresql/{version}/bin")
+        if (candidate / "initdb").exists():
+            return candidate
+    raise SystemExit("no PostgreSQL server binaries found (/usr/lib/postgresql/*/bin/initdb): run `make setup`")
+
+
+def start_cluster(workdir: Path, bindir: Path) -> Cluster:
+    datadir = workdir / "pgdata"
+    workdir.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        shutil.chown(workdir, "postgres", "postgres")
+    if not (datadir / "PG_VERSION").exists():
+        log(f"initdb {datadir}")
+        subprocess.run(
+            as_postgres(
+                [str(bindir / "initdb"), "-D", str(datadir), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"]
+            ),
+            check=True,
+            capture_output=True,
+        )
+    port = free_port()
+    options = (
+        f"-p {port} -c listen_addresses=127.0.0.1 -k {workdir} -c shared_buffers=512MB -c max_wal_size=4GB"
+        " -c maintenance_work_mem=256MB -c max_parallel_maintenance_workers=1"
+    )
+    subprocess.run(
+        as_postgres(
+            [str(bindir / "pg_ctl"), "-D", str(datadir), "-l", str(workdir / "server.log"), "-o", options, "-w", "start"]
+        ),
+        check=True,
+        capture_output=True,
+    )
+    log(f"PostgreSQL {bindir.parent.name} running on port {port} ({datadir})")
+    return Cluster(bindir=bindir, datadir=datadir, port=port)
+
+
+def stop_cluster(cluster: Cluster) -> None:
+    subprocess.run(
+        as_postgres([cluster.bin("pg_ctl"), "-D", str(cluster.datadir), "-m", "fast", "stop"]), check=False, capture_output=True
+    )
+
+
+def ensure_data(cluster: Cluster, size: str, jobs: int) -> dict[str, Any]:
+    """The v1 schema filled by gen_data.py, made once and reused (a marker table records the size asked)."""
+    exists = cluster.execute(f"SELECT count(*) FROM pg_database WHERE datname = '{DB}'")
+    if exists:
+        try:
+            made = cluster.execute("SELECT size FROM bench_data_made", DB)
+        except psycopg.Error:
+            made = None
+        if made == size:
+            log(f"reusing the cached {size} data set in database {DB}")
+            return {"reused": True}
+    sys.path.insert(0, str(REPO / "examples" / "acme"))
+    import harness  # the fixture app's harness: assembles v1 and runs manage.py migrate in its venv
+
+    log("creating the v1 schema (manage.py migrate)")
+    cluster.createdb(DB)
+    harness.must(harness.manage("v1", harness.django_env(cluster, DB), "migrate", "--noinput", "-v0"))
+    log(f"generating {size} with gen_data.py (jobs {jobs})")
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, str(GEN_DATA), "--dsn", cluster.dsn(DB), "--size", size, "--jobs", str(jobs), "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"gen_data.py failed:\n{result.stderr}")
+    with psycopg.connect(cluster.dsn(DB), autocommit=True) as conn:
+        conn.execute("CREATE TABLE bench_data_made (size text)")
+        conn.execute("INSERT INTO bench_data_made VALUES (%s)", (size,))
+        conn.execute("VACUUM ANALYZE")
+    return {"reused": False, "seconds": round(time.monotonic() - started, 1), "report": json.loads(result.stdout)}
+
+
+def timed(argv: list[str], what: str) -> tuple[float, str]:
+    log(what)
+    started = time.monotonic()
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    elapsed = time.monotonic() - started
+    if result.returncode != 0:
+        raise SystemExit(f"{what} failed (exit {result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return elapsed, result.stdout
+
+
+def program(path: Path, *args: str) -> list[str]:
+    return [sys.executable, str(path), *args]
+
+
+def drop(cluster: Cluster, name: str) -> None:
+    with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    workdir = Path(args.workdir)
+    cluster = start_cluster(workdir, find_bindir(args.bin_dir))
+    try:
+        return measure(args, cluster, workdir)
+    finally:
+        stop_cluster(cluster)
+
+
+def measure(args: argparse.Namespace, cluster: Cluster, workdir: Path) -> dict[str, Any]:
+    data = ensure_data(cluster, args.size, args.jobs)
+    if args.prepare_only:
+        return {"data": data}
+    jobs, compress = str(args.jobs), str(args.compress)
+    db_size = int(cluster.execute(f"SELECT pg_database_size('{DB}')"))
+    runs = workdir / "runs"
+    shutil.rmtree(runs, ignore_errors=True)
+    runs.mkdir()
+    backup_dir = runs / "backups"
+    backup_dir.mkdir(mode=0o700)
+    dsn = cluster.dsn(DB)
+    common = ["--dsn", dsn, "--bin-dir", str(cluster.bindir)]
+    t: dict[str, float] = {}
+
+    subprocess.run(["sync"], check=False)
+    t["raw_dump"], _ = timed(
+        [cluster.bin("pg_dump"), "-Fd", "-j", jobs, "-Z", compress, "-f", str(runs / "raw"), "-d", dsn],
+        f"raw pg_dump -Fd -j {jobs} -Z {compress}",
+    )
+    raw_size = dir_size(runs / "raw")
+
+    subprocess.run(["sync"], check=False)
+    t["our_backup"], out = timed(
+        program(
+            BACKUP_PROGRAM,
+            "backup",
+            "--backup-dir",
+            str(backup_dir),
+            "--id",
+            "bench",
+            *common,
+            "--jobs",
+            jobs,
+            "--fingerprint-jobs",
+            jobs,
+            "--compress",
+            compress,
+        ),
+        "our backup (snapshot, fingerprints, pg_dump --snapshot, checksums, manifest)",
+    )
+    backup = json.loads(out)
+    t["our_dump_phase"] = backup["timings"]["dump_s"]
+    t["our_fingerprints"] = backup["timings"]["fingerprint_s"]
+    t["our_checksums"] = backup["timings"]["checksum_s"]
+    t["our_verify"], out = timed(
+        program(
+            BACKUP_PROGRAM,
+            "verify",
+            "--backup-dir",
+            str(backup_dir),
+            "--id",
+            "bench",
+            *common,
+            "--jobs",
+            jobs,
+            "--fingerprint-jobs",
+            jobs,
+        ),
+        "our verification without test restore (checksums, pg_restore --list)",
+    )
+    verify = json.loads(out)["verification"]["checks"]
+    t["our_verify_checksums"] = verify["checksums"]["seconds"]
+    t["our_verify_list"] = verify["pg_restore_list"]["seconds"]
+    t["our_verify_test_restore"], out = timed(
+        program(
+            BACKUP_PROGRAM,
+            "verify",
+            "--backup-dir",
+            str(backup_dir),
+            "--id",
+            "bench",
+            *common,
+            "--jobs",
+            jobs,
+            "--fingerprint-jobs",
+            jobs,
+            "--test-restore",
+            "--force",
+        ),
+        "our verification with the test restore",
+    )
+    test_restore = json.loads(out)["verification"]["checks"]["test_restore"]
+
+    drop(cluster, "acme_raw_restore")
+    cluster.execute("CREATE DATABASE acme_raw_restore TEMPLATE template0")
+    subprocess.run(["sync"], check=False)
+    t["raw_restore"], _ = timed(
+        [cluster.bin("pg_restore"), "-j", jobs, "--exit-on-error", "-d", cluster.dsn("acme_raw_restore"), str(runs / "raw")],
+        f"raw pg_restore -j {jobs}",
+    )
+    drop(cluster, "acme_raw_restore")
+
+    restore_common = [
+        "--backup-dir",
+        str(backup_dir),
+        "--id",
+        "bench",
+        *common,
+        "--database",
+        DB,
+        "--jobs",
+        jobs,
+        "--fingerprint-jobs",
+        jobs,
+        "--writes-blocked",
+        "--write-report",
+    ]
+    subprocess.run(["sync"], check=False)
+    t["our_restore_check"], _ = timed(program(RESTORE_PROGRAM, "check", *restore_common), "our restore: check (checksums)")
+    t["our_restore_restore"], out = timed(
+        program(RESTORE_PROGRAM, "restore", *restore_common), "our restore: pg_restore into a new database, fingerprints, ANALYZE"
+    )
+    restored = json.loads(out)
+    t["our_restore_swap"], out = timed(
+        program(RESTORE_PROGRAM, "swap", *restore_common, "--restored-db", restored["restored_db"]),
+        "our restore: live comparison and swap",
+    )
+    swap = json.loads(out)
+    # the data set stays cached: the restored database is the same data; drop the replaced one
+    timed(
+        program(RESTORE_PROGRAM, "failed-retention", "--dsn", dsn, "--database", DB, "--keep", "0"), "drop the replaced database"
+    )
+    shutil.rmtree(runs, ignore_errors=True)
+
+    t["our_backup_total"] = t["our_backup"] + t["our_verify"]
+    t["our_backup_total_with_test_restore"] = t["our_backup"] + t["our_verify_test_restore"]
+    t["our_restore_total"] = t["our_restore_check"] + t["our_restore_restore"] + t["our_restore_swap"]
+    overhead = t["our_fingerprints"] + t["our_checksums"] + t["our_verify"]
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "postgresql": cluster.bindir.parent.name},
+        "data": data,
+        "db_size_bytes": db_size,
+        "raw_dump_bytes": raw_size,
+        "our_dump_bytes": backup["dump_size_bytes"],
+        "jobs": args.jobs,
+        "compress": args.compress,
+        "seconds": {k: round(v, 2) for k, v in t.items()},
+        "breakdown": {
+            "restore": restored["timings"],
+            "test_restore": test_restore,
+            "swap": {"compare_seconds": swap.get("compare_seconds"), "total": swap.get("seconds")},
+        },
+        "ratios": {
+            "dump_phase_throughput_vs_raw": round(t["raw_dump"] / t["our_dump_phase"], 3),
+            "fingerprints_plus_verification_vs_dump": round(overhead / t["our_dump_phase"], 3),
+            "restore_vs_raw": round(t["our_restore_total"] / t["raw_restore"], 3),
+            "whole_backup_vs_raw_dump": round(t["our_backup_total"] / t["raw_dump"], 3),
+            "whole_backup_with_test_restore_vs_raw_dump": round(t["our_backup_total_with_test_restore"] / t["raw_dump"], 3),
+        },
+    }
+
+
+def report(result: dict[str, Any]) -> str:
+    gb = result["db_size_bytes"] / 2**30
+    s = result["seconds"]
+    ratios = result["ratios"]
+
+    def row(label: str, seconds: float, ratio: str = "") -> str:
+        rate = gb / (seconds / 60) if seconds else 0.0
+        at_50 = seconds * TARGET_GB / gb / 60
+        return f"| {label} | {seconds:8.1f} | {rate:6.2f} | {ratio} | {at_50:6.1f} |"
+
+    lines = [
+        f"Database {result['db_size_bytes'] / 2**30:.2f} GiB (pg_database_size), jobs {result['jobs']}, gzip level "
+        f"{result['compress']}, {result['machine']['cpus']} CPUs, PostgreSQL {result['machine']['postgresql']}; dump "
+        f"{result['raw_dump_bytes'] / 2**20:.0f} MiB raw / {result['our_dump_bytes'] / 2**20:.0f} MiB ours.",
+        "",
+        "| phase | seconds | GB/min | ratio | min at 50 GB |",
+        "|---|---:|---:|---|---:|",
+        row("raw `pg_dump -Fd -j N`", s["raw_dump"]),
+        row(
+            "our dump phase (`pg_dump --snapshot`)",
+            s["our_dump_phase"],
+            f"{ratios['dump_phase_throughput_vs_raw']:.2f}x raw throughput (target >= 0.90)",
+        ),
+        row("our fingerprints (in the snapshot)", s["our_fingerprints"]),
+        row("our checksums + manifest", s["our_checksums"]),
+        row("our verification (checksums, `pg_restore --list`)", s["our_verify"]),
+        row(
+            "fingerprints + checksums + verification",
+            s["our_fingerprints"] + s["our_checksums"] + s["our_verify"],
+            f"{ratios['fingerprints_plus_verification_vs_dump']:.2f}x dump time (target <= 0.30)",
+        ),
+        row("our whole backup, no test restore", s["our_backup_total"], f"{ratios['whole_backup_vs_raw_dump']:.2f}x raw dump"),
+        row("our test restore verification", s["our_verify_test_restore"]),
+        row(
+            "our whole backup with test restore",
+            s["our_backup_total_with_test_restore"],
+            f"{ratios['whole_backup_with_test_restore_vs_raw_dump']:.2f}x raw dump",
+        ),
+        row("raw `pg_restore -j N`", s["raw_restore"]),
+        row("our restore: checksum check", s["our_restore_check"]),
+        row("our restore: pg_restore + fingerprints + ANALYZE", s["our_restore_restore"]),
+        row("our restore: live comparison + swap", s["our_restore_swap"]),
+        row("our whole restore", s["our_restore_total"], f"{ratios['restore_vs_raw']:.2f}x raw (target <= 1.20)"),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument(
+        "--workdir",
+        default="/var/tmp/djm-bench",  # noqa: S108 - a fixed, documented cache location on the controller
+        help="cluster, cached data set and results (kept)",
+    )
+    parser.add_argument("--size", default="2GB", help="data set size for gen_data.py (default 2GB)")
+    parser.add_argument("--jobs", type=int, default=2, help="-j of pg_dump/pg_restore and fingerprint connections")
+    parser.add_argument("--compress", type=int, default=1, help="pg_dump gzip level, both sides (default 1, the role's)")
+    parser.add_argument("--bin-dir", default="", help="PostgreSQL bin directory (default: newest installed)")
+    parser.add_argument("--prepare-only", action="store_true", help="only make (or find) the data set")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    if args.prepare_only:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        return 0
+    out = Path(args.workdir) / f"results-{datetime.datetime.now():%Y%m%dT%H%M%S}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    sys.stdout.write(report(result))
+    sys.stdout.write(f"\nFigures: {out}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
