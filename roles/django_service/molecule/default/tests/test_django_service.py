@@ -71,14 +71,35 @@ def test_health_gate_fails_on_the_wrong_release(host):
     if host.backend.get_hostname() != "djservice-debian12":
         pytest.skip("one run of the playbook covers both hosts")
     pids_before = show(host, "MainPID")["MainPID"]
-    scenario = Path(os.environ["MOLECULE_SCENARIO_DIRECTORY"])
-    result = subprocess.run(
-        ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], str(scenario / "wrong_release.yml")],
-        capture_output=True, text=True, check=False, env=os.environ.copy(),
-    )
+    result = run_playbook("wrong_release.yml")
     output = result.stdout + result.stderr
     assert result.returncode != 0, output[-3000:]
     assert "release=v999" in output
     assert "Last 50 journal lines" in output
     assert "gunicorn" in output.split("Last 50 journal lines", 1)[1]
     assert show(host, "MainPID")["MainPID"] == pids_before
+
+
+def run_playbook(name: str) -> subprocess.CompletedProcess[str]:
+    scenario = Path(os.environ["MOLECULE_SCENARIO_DIRECTORY"])
+    return subprocess.run(
+        ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], str(scenario / name)],
+        capture_output=True, text=True, check=False, env=os.environ.copy(),
+    )
+
+
+def test_a_newer_environment_file_restarts_the_service(host):
+    """An environment file written after gunicorn started (a rotated secret) means a restart."""
+    if host.backend.get_hostname() != "djservice-debian11":
+        pytest.skip("one run of the playbook covers both hosts")
+    pid_before = show(host, "MainPID")["MainPID"]
+    host.check_output("touch /srv/acme/current/.env")
+    result = run_playbook("converge.yml")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert show(host, "MainPID")["MainPID"] != pid_before
+    assert host.service("acme").is_running
+    # Nothing stale any more: a second run restarts nothing.
+    pid_after = show(host, "MainPID")["MainPID"]
+    result = run_playbook("converge.yml")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert show(host, "MainPID")["MainPID"] == pid_after
