@@ -238,6 +238,10 @@ def create_container(fleet: str, network: str, host: HostSpec, http_port: int | 
         "--hostname",
         host.name,
         "--systemd=always",
+        # systemd's mount sandboxing (ProtectSystem=, PrivateTmp= of our gunicorn unit and of
+        # Debian 12's haproxy.service) needs it inside a container; a real VM needs nothing.
+        "--cap-add",
+        "SYS_ADMIN",
         "--label",
         f"{LABEL}={fleet}",
         "--label",
