@@ -11,9 +11,6 @@ export ANSIBLE_CONFIG  := $(CURDIR)/ansible.cfg
 export ANSIBLE_FORCE_COLOR ?= 0
 export PY_COLORS ?= 0
 
-# Roles that carry a Molecule scenario (roles/<role>/molecule/default).
-MOLECULE_ROLES := $(patsubst roles/%/molecule/default/molecule.yml,%,$(wildcard roles/*/molecule/default/molecule.yml))
-
 .PHONY: help setup images fleet-up fleet-down fleet-status lint test-unit test-fast test-molecule test-fleet test demo clean
 
 help: ## List the targets
@@ -44,13 +41,8 @@ test-unit: ## Unit tests: scripts and the fixture app on a throwaway local Postg
 
 test-fast: lint test-unit ## Lint + unit tests (the inner loop)
 
-test-molecule: images ## Every role's Molecule scenario
-	@set -e; for r in $(MOLECULE_ROLES); do \
-	  echo "=== molecule test: $$r"; \
-	  start=$$(date +%s); \
-	  (cd roles/$$r && molecule test); \
-	  echo "=== molecule test: $$r passed in $$(( $$(date +%s) - start ))s"; \
-	done
+test-molecule: images ## Every role's Molecule scenario, MOLECULE_JOBS (default 2) at a time; logs in build/molecule/
+	bash scripts/molecule_all.sh
 
 test-fleet: images ## End-to-end tests on the local SSH fleet
 	pytest -q tests/fleet
