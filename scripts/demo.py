@@ -99,20 +99,18 @@ def fill_database(fleet: str, inventory: Path, size: str) -> None:
     db = hostvars["db1"]
     secrets = json.loads((REPO / ".fleet" / fleet / "secrets.json").read_text())
     with ssh_tunnel(fleet, db["ansible_host"], 5432) as port:
+        # The password travels in PGPASSWORD, never on a command line or in the log.
         dsn = psycopg.conninfo.make_conninfo(
-            host="127.0.0.1",
-            port=port,
-            dbname=db["project_db_name"],
-            user=db["project_db_user"],
-            password=secrets["vault_project_db_password"],
+            host="127.0.0.1", port=port, dbname=db["project_db_name"], user=db["project_db_user"]
         )
-        with psycopg.connect(dsn) as conn:
+        env = dict(environment(), PGPASSWORD=secrets["vault_project_db_password"])
+        with psycopg.connect(dsn, password=env["PGPASSWORD"]) as conn:
             rows = conn.execute("SELECT count(*) FROM customers").fetchone()
         if rows and rows[0] > 0:
             log(f"database already holds {rows[0]} customers: not generating data again")
             return
         log(f"generating {size} of ACME data in db1 (scripts/gen_data.py)")
-        run([sys.executable, "scripts/gen_data.py", "--dsn", dsn, "--size", size, "--jobs", "2"], env=environment())
+        run([sys.executable, "scripts/gen_data.py", "--dsn", dsn, "--size", size, "--jobs", "2"], env=env)
 
 
 def show_health(port: int, requests: int) -> None:
