@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Run `molecule test` for every role that has a scenario, JOBS at a time (scenarios use
+# Run `molecule test` for every role that has a scenario, MOLECULE_JOBS at a time (scenarios use
 # role-prefixed instance names, so they can run side by side). Each role's output goes to
 # build/molecule/<role>.log; a failed role's log tail is printed. Exit non-zero if any failed.
 set -uo pipefail
 jobs=${MOLECULE_JOBS:-2}
 cd "$(dirname "$0")/.."
 mkdir -p build/molecule
-# The longest scenarios first, so the last ones to finish are short.
+# MOLECULE_ROLES="a b" runs only those. Otherwise every role with a scenario, the longest first,
+# so the last ones to finish are short.
 first=(python_runtime django_release)
 roles=()
 for role in "${first[@]}"; do [ -f "roles/$role/molecule/default/molecule.yml" ] && roles+=("$role"); done
@@ -14,6 +15,7 @@ for scenario in roles/*/molecule/default/molecule.yml; do
   role=${scenario#roles/}; role=${role%%/*}
   [[ " ${first[*]} " == *" $role "* ]] || roles+=("$role")
 done
+if [ -n "${MOLECULE_ROLES:-}" ]; then read -r -a roles <<<"$MOLECULE_ROLES"; fi
 [ ${#roles[@]} -gt 0 ] || { echo "no Molecule scenarios found"; exit 1; }
 
 run_one() {
