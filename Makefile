@@ -41,7 +41,7 @@ test-unit: ## Unit tests: scripts and the fixture app on a throwaway local Postg
 
 test-fast: lint test-unit ## Lint + unit tests (the inner loop)
 
-test-molecule: images ## Every role's Molecule scenario, one at a time (MOLECULE_JOBS=2 runs two side by side); logs in build/molecule/
+test-molecule: images ## Every role's Molecule scenario, two at a time (MOLECULE_JOBS=1 for one); logs in build/molecule/
 	bash scripts/molecule_all.sh
 
 test-fleet: images ## End-to-end tests on the local SSH fleet

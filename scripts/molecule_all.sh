@@ -3,7 +3,7 @@
 # role-prefixed instance names, so they can run side by side). Each role's output goes to
 # build/molecule/<role>.log; a failed role's log tail is printed. Exit non-zero if any failed.
 set -uo pipefail
-jobs=${MOLECULE_JOBS:-1}
+jobs=${MOLECULE_JOBS:-2}
 cd "$(dirname "$0")/.."
 mkdir -p build/molecule
 # MOLECULE_ROLES="a b" runs only those. Otherwise every role with a scenario, the longest first,
