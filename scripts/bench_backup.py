@@ -26,15 +26,14 @@ import datetime
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pgcluster  # scripts/pgcluster.py, beside this file
 import psycopg
 from psycopg import sql
 
@@ -44,7 +43,6 @@ RESTORE_PROGRAM = REPO / "roles" / "pg_restore" / "files" / "pg_snapshot_restore
 GEN_DATA = REPO / "scripts" / "gen_data.py"
 DB = "acme"
 TARGET_GB = 50.0
-PG_VERSIONS = ("17", "16", "15", "14", "13")
 
 
 def log(message: str) -> None:
@@ -52,90 +50,29 @@ def log(message: str) -> None:
     sys.stderr.flush()
 
 
-def as_postgres(argv: list[str]) -> list[str]:
-    """initdb/pg_ctl refuse root: run them as the postgres OS user when we are root."""
-    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Cluster:
-    """A throwaway PostgreSQL server under workdir/pgdata, reached over TCP as the postgres superuser."""
-
-    bindir: Path
-    datadir: Path
-    port: int
-    host: str = "127.0.0.1"
-    user: str = "postgres"
-
-    def dsn(self, dbname: str = "postgres") -> str:
-        return f"host={self.host} port={self.port} user={self.user} dbname={dbname}"
-
-    def bin(self, name: str) -> str:
-        return str(self.bindir / name)
-
-    def createdb(self, name: str, template: str = "template0") -> str:
-        with psycopg.connect(self.dsn(), autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template)))
-        return self.dsn(name)
-
-    def execute(self, statement: str, dbname: str = "postgres") -> Any:
-        with psycopg.connect(self.dsn(dbname), autocommit=True) as conn:
-            cur = conn.execute(statement)
-            row = cur.fetchone() if cur.description else None
-            return row[0] if row else None
+Cluster = pgcluster.Cluster
 
 
 def find_bindir(override: str) -> Path:
-    if override:
-        return Path(override)
-    for version in PG_VERSIONS:
-        candidate = Path(f"/usr/lib/postgresql/{version}/bin")
-        if (candidate / "initdb").exists():
-            return candidate
-    raise SystemExit("no PostgreSQL server binaries found (/usr/lib/postgresql/*/bin/initdb): run `make setup`")
+    bindir = pgcluster.find_bindir(override)
+    if bindir is None:
+        raise SystemExit("no PostgreSQL server binaries found (/usr/lib/postgresql/*/bin/initdb): run `make setup`")
+    return bindir
 
 
 def start_cluster(workdir: Path, bindir: Path) -> Cluster:
-    datadir = workdir / "pgdata"
-    workdir.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() == 0:
-        shutil.chown(workdir, "postgres", "postgres")
-    if not (datadir / "PG_VERSION").exists():
-        log(f"initdb {datadir}")
-        subprocess.run(
-            as_postgres(
-                [str(bindir / "initdb"), "-D", str(datadir), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"]
-            ),
-            check=True,
-            capture_output=True,
-        )
-    port = free_port()
-    options = (
-        f"-p {port} -c listen_addresses=127.0.0.1 -k {workdir} -c shared_buffers=512MB -c max_wal_size=4GB"
-        " -c maintenance_work_mem=256MB -c max_parallel_maintenance_workers=1"
+    """The benchmark's server: kept with its data set under workdir between runs, tuned for bulk work."""
+    cluster = pgcluster.start(
+        workdir,
+        bindir,
+        "-c shared_buffers=512MB -c max_wal_size=4GB -c maintenance_work_mem=256MB -c max_parallel_maintenance_workers=1",
     )
-    subprocess.run(
-        as_postgres(
-            [str(bindir / "pg_ctl"), "-D", str(datadir), "-l", str(workdir / "server.log"), "-o", options, "-w", "start"]
-        ),
-        check=True,
-        capture_output=True,
-    )
-    log(f"PostgreSQL {bindir.parent.name} running on port {port} ({datadir})")
-    return Cluster(bindir=bindir, datadir=datadir, port=port)
+    log(f"PostgreSQL {bindir.parent.name} running on port {cluster.port} ({cluster.datadir})")
+    return cluster
 
 
 def stop_cluster(cluster: Cluster) -> None:
-    subprocess.run(
-        as_postgres([cluster.bin("pg_ctl"), "-D", str(cluster.datadir), "-m", "fast", "stop"]), check=False, capture_output=True
-    )
+    pgcluster.stop(cluster)
 
 
 def ensure_data(cluster: Cluster, size: str, jobs: int) -> dict[str, Any]:
