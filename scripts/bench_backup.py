@@ -183,41 +183,17 @@ def one_round(args: argparse.Namespace, cluster: Cluster, workdir: Path) -> tupl
     t["our_dump_phase"] = backup["timings"]["dump_s"]
     t["our_fingerprints"] = backup["timings"]["fingerprint_s"]
     t["our_checksums"] = backup["timings"]["checksum_s"]
+    verify_args = ["verify", "--backup-dir", str(backup_dir), "--id", "bench", *common]
+    verify_args += ["--jobs", jobs, "--fingerprint-jobs", jobs]
     t["our_verify"], out = timed(
-        program(
-            BACKUP_PROGRAM,
-            "verify",
-            "--backup-dir",
-            str(backup_dir),
-            "--id",
-            "bench",
-            *common,
-            "--jobs",
-            jobs,
-            "--fingerprint-jobs",
-            jobs,
-        ),
+        program(BACKUP_PROGRAM, *verify_args),
         "our verification without test restore (checksums, pg_restore --list)",
     )
     verify = json.loads(out)["verification"]["checks"]
     t["our_verify_checksums"] = verify["checksums"]["seconds"]
     t["our_verify_list"] = verify["pg_restore_list"]["seconds"]
     t["our_verify_test_restore"], out = timed(
-        program(
-            BACKUP_PROGRAM,
-            "verify",
-            "--backup-dir",
-            str(backup_dir),
-            "--id",
-            "bench",
-            *common,
-            "--jobs",
-            jobs,
-            "--fingerprint-jobs",
-            jobs,
-            "--test-restore",
-            "--force",
-        ),
+        program(BACKUP_PROGRAM, *verify_args, "--test-restore", "--force"),
         "our verification with the test restore",
     )
     test_restore = json.loads(out)["verification"]["checks"]["test_restore"]
