@@ -3,7 +3,8 @@
 #   - OS packages: podman + runc + debootstrap (the local fleet), PostgreSQL 15 binaries (the unit
 #     tests start their own throwaway cluster; no system cluster is created), ssh client, rsync
 #   - the Python 3.11 virtualenv .venv with requirements.txt (re-installed only when it changes)
-#   - checks that the project-local containers.conf exists and that podman uses runc with it.
+#   - checks that the project-local containers.conf exists and that podman uses runc with it;
+#   - probes at run time that podman runs a container on a network (scripts/probe_runtime.py).
 # It never touches /etc/containers. Each failure is one line saying what to do.
 set -euo pipefail
 
@@ -14,9 +15,11 @@ STAMP="$VENV/.requirements.sha256"
 CONTAINERS_CONF="${CONTAINERS_CONF:-$REPO_ROOT/.config/containers/containers.conf}"
 export CONTAINERS_CONF
 CREATECLUSTER_CONF=/etc/postgresql-common/createcluster.conf
-# netavark + aardvark-dns: podman networks with DNS, so fleet hosts resolve each other by name.
-PACKAGES=(podman runc netavark aardvark-dns debootstrap uidmap fuse-overlayfs git make openssh-client rsync
-          postgresql-15 postgresql-client-15)
+# netavark + aardvark-dns: podman networks with DNS, so fleet hosts resolve each other by name;
+# netavark calls iptables at run time (no package dependency says so: a machine without it fails
+# at the first `podman run`). The probe at the end proves the whole chain on a throwaway network.
+PACKAGES=(podman runc netavark aardvark-dns iptables debootstrap uidmap fuse-overlayfs git make openssh-client
+          rsync postgresql-15 postgresql-client-15)
 
 changes=0
 fail() { echo "setup: $*" >&2; exit 1; }
@@ -78,6 +81,10 @@ runtime="$(podman info --format '{{.Host.OCIRuntime.Name}}' 2>/dev/null || true)
 [ "$runtime" = "runc" ] \
   || fail "podman uses runtime '${runtime:-unknown}' with $CONTAINERS_CONF, not runc: check its [engine] runtime"
 ok "podman uses runc with $CONTAINERS_CONF"
+
+# --- run-time probe: a container on a throwaway network, as the fleet will run them ---------------
+probe="$("$VENV/bin/python" "$REPO_ROOT/scripts/probe_runtime.py" 2>&1)" || fail "${probe#setup: }"
+echo "$probe"
 
 if [ "$changes" -eq 0 ]; then
   echo "setup: nothing changed; the controller is ready"

@@ -268,6 +268,22 @@ def published_port(container: str) -> int | None:
     return int(out.rsplit(":", 1)[-1]) if out else None
 
 
+def configured_port(info: dict[str, Any]) -> int | None:
+    """The host port a container was created to publish for 80/tcp, running or not."""
+    bindings = (info.get("HostConfig", {}).get("PortBindings") or {}).get("80/tcp") or []
+    ports = [int(b["HostPort"]) for b in bindings if str(b.get("HostPort") or "").isdigit()]
+    return ports[0] if ports else None
+
+
+# A container that never ran to completion of its start: what an interrupted or failed `up`
+# leaves behind (e.g. `podman run` failing in netavark leaves it "created").
+HALF_MADE_STATES = frozenset({"created", "configured", "initialized"})
+
+
+def is_half_made(info: dict[str, Any]) -> bool:
+    return str(info.get("State", {}).get("Status", "")).lower() in HALF_MADE_STATES
+
+
 def wait_for_ssh(ip: str, timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -397,7 +413,7 @@ def up(
     plan_hosts(apps, subnet or "10.90.0.0/24", image, image_map)  # argument errors first
     check_inventory_owner(inventory, fleet)
     require_root()
-    require_tools(["podman", "runc", "ssh", "ssh-keygen", "ssh-keyscan", "ip"])
+    require_tools(["podman", "runc", "iptables", "ssh", "ssh-keygen", "ssh-keyscan", "ip"])
     require_free_disk([podman_graphroot()])
 
     wanted_images = sorted({image, *image_map.values()})
@@ -406,10 +422,14 @@ def up(
             raise FleetError(f"image {image_ref(key)} is missing: run make images", EXIT_MISSING_TOOL)
 
     existing = {c["Config"]["Labels"].get("djm.host", c["Name"]): c for c in fleet_containers(fleet)}
+    # Half-made hosts are replaced, so `up` after any failure just works when run again.
+    replaced = sorted((name for name, info in existing.items() if is_half_made(info)), key=host_sort_key)
+    for name in replaced:
+        podman("rm", "--force", existing.pop(name)["Name"])
     lb_name = f"{fleet}-lb1"
     if http_port is not None:
         if "lb1" in existing:
-            current = published_port(lb_name)
+            current = configured_port(existing["lb1"])
             if current != http_port:
                 raise FleetError(
                     f"lb1 exists without 127.0.0.1:{http_port} published: run fleet.py down --name {fleet}, then up again",
@@ -493,6 +513,8 @@ def up(
     changes = []
     if net_created:
         changes.append(f"network {network} ({subnet})")
+    if replaced:
+        changes.append(f"replaced half-made {', '.join(replaced)}")
     if created:
         changes.append(f"created {', '.join(created)}")
     if started:

@@ -232,6 +232,18 @@ def test_up_repairs_a_host_whose_ssh_access_was_broken(fleet: Fleet) -> None:
     assert container_ids() == before
 
 
+def test_up_replaces_a_host_that_a_failed_up_left_half_made(fleet: Fleet) -> None:
+    """`podman run` failing in netavark leaves a container "created", without its port: `up` again just works."""
+    sh(["podman", "rm", "--force", "--time", "0", f"{FLEET}-lb1"])
+    labels = [f"--label={LABEL}", "--label=djm.host=lb1", "--label=djm.role=lb", "--label=djm.image=debian11"]
+    sh(["podman", "create", "--name", f"{FLEET}-lb1", *labels, "localhost/djm-debian11:latest", "/sbin/init"])
+    proc = fleet_py(*UP_ARGS, "--inventory", str(fleet.inventory))
+    assert "replaced half-made lb1" in proc.stdout, proc.stdout
+    assert f"lb1:80 is published on http://127.0.0.1:{HTTP_PORT}/" in proc.stdout
+    assert fleet.ssh_ok("lb1", "systemctl is-system-running --wait || true") in {"running", "degraded"}
+    assert fleet_py(*UP_ARGS, "--inventory", str(fleet.inventory)).stdout.count("changed: nothing") == 1
+
+
 def test_lb1_port_80_is_published_on_the_controller(fleet: Fleet) -> None:
     assert f"lb1:80 is published on http://127.0.0.1:{HTTP_PORT}/" in fleet.up_output
     server = "sudo systemd-run --unit djmtest-http --working-directory /usr/share/doc python3 -m http.server 80"
