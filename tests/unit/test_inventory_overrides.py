@@ -1,7 +1,7 @@
 """Every role variable that the playbooks map from project_* can be overridden from the inventory.
 
 Each entry point is loaded with an inventory that overrides every variable of
-playbooks/group_vars/all/project_roles.yml (in group_vars/all, as a new project would), and
+group_vars/all/project_roles.yml (in group_vars/all, as a new project would), and
 `--tags config` prints what the plays see: each override must have taken effect.
 """
 
@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-MAPPING = REPO / "playbooks" / "group_vars" / "all" / "project_roles.yml"
+MAPPING = REPO / "group_vars" / "all" / "project_roles.yml"
 ENTRY_POINTS = ["migrate.yml", "rollback.yml", "playbooks/deploy.yml"]
 PROJECT = {
     "project_name": "shop",
