@@ -1,0 +1,262 @@
+"""End-to-end tests of migrate.yml and rollback.yml on one shared local fleet.
+
+The session fixture `e2e` brings up its own fleet `djme2e` (lb1, app1..app3 on Debian 11, db1),
+deploys the fixture's v1 with playbooks/deploy.yml, loads a little generated data, and hands the
+tests helpers to run the operator's commands, send steady traffic through lb1 (scripts/loadgen.py)
+and look at the hosts over SSH. Every test leaves the fleet serving v1 (through the product's own
+rollback), so the tests share it. `DJM_E2E_KEEP=1` keeps the fleet afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import demo  # noqa: E402 - the demo's data loader, through the path set above
+
+FLEET = "djme2e"
+INVENTORY = REPO / "inventories" / "local" / f"{FLEET}-hosts.yml"
+LOGS = REPO / "build" / "e2e"
+PYTHON_VERSION = "3.11.2"
+ENV = {
+    **os.environ,
+    "CONTAINERS_CONF": os.environ.get("CONTAINERS_CONF", str(REPO / ".config" / "containers" / "containers.conf")),
+    "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
+    "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+    "ANSIBLE_FORCE_COLOR": "0",
+    "ANSIBLE_NOCOLOR": "1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def sh(argv: list[str], timeout: float = 1800, check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(argv, capture_output=True, text=True, env=ENV, timeout=timeout, check=False, cwd=REPO, **kwargs)
+    if check and proc.returncode != 0:
+        pytest.fail(f"{shlex.join(argv)} exited {proc.returncode}:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@dataclass
+class Run:
+    """One ansible-playbook run: its exit status, output, duration."""
+
+    argv: list[str]
+    rc: int
+    output: str
+    seconds: float
+
+    @property
+    def failed_line(self) -> str:
+        """The message of the last failed task, as an operator reads it."""
+        lines = [line for line in self.output.splitlines() if "msg:" in line or line.lstrip().startswith("msg")]
+        return lines[-1] if lines else ""
+
+
+@dataclass
+class Load:
+    out: Path
+    summary: dict[str, Any] = field(default_factory=dict)
+    missing_orders: int = -1
+    verify_output: str = ""
+
+
+@dataclass
+class E2E:
+    http_port: int
+    hostvars: dict[str, dict[str, Any]]
+    secrets: dict[str, str]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ commands
+    def playbook(self, name: str, *args: str, check: bool = False, log: str = "", timeout: float = 1800) -> Run:
+        argv = ["ansible-playbook", "-i", str(INVENTORY), name, *args]
+        started = time.monotonic()
+        proc = subprocess.run(
+            argv, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout, check=False
+        )
+        run = Run(argv, proc.returncode, proc.stdout, time.monotonic() - started)
+        LOGS.mkdir(parents=True, exist_ok=True)
+        (LOGS / f"{log or Path(name).stem}-{int(time.time())}.log").write_text(proc.stdout)
+        if check and run.rc != 0:
+            pytest.fail(f"{shlex.join(argv)} exited {run.rc} after {run.seconds:.0f}s:\n{run.output[-8000:]}")
+        return run
+
+    def migrate(self, release: str, *args: str, check: bool = True, log: str = "") -> Run:
+        return self.playbook(
+            "migrate.yml", "-e", f"project_release_id={release}", "-e", f"project_python_version={PYTHON_VERSION}",
+            *args, check=check, log=log or f"migrate-{release}",
+        )  # fmt: skip
+
+    def rollback(self, *args: str, check: bool = True, log: str = "") -> Run:
+        return self.playbook("rollback.yml", *args, check=check, log=log or "rollback")
+
+    # ------------------------------------------------------------------ hosts
+    def ssh(self, host: str, command: str, timeout: float = 600, check: bool = True) -> str:
+        hv = self.hostvars[host]
+        argv = [
+            "ssh", "-i", hv["ansible_ssh_private_key_file"], "-o", "BatchMode=yes",
+            "-o", f"UserKnownHostsFile={REPO / '.fleet' / FLEET / 'known_hosts'}", "-o", "StrictHostKeyChecking=yes",
+            f"{hv['ansible_user']}@{hv['ansible_host']}", command,
+        ]  # fmt: skip
+        proc = sh(argv, timeout=timeout, check=False)
+        if check and proc.returncode != 0:
+            pytest.fail(f"{host}: {command!r} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        return proc.stdout.strip()
+
+    def sql(self, query: str) -> str:
+        return self.ssh("db1", f"sudo -u postgres psql -X -At -d acme -c {shlex.quote(query)}")
+
+    def serving(self) -> dict[str, str]:
+        return {h: self.ssh(h, "basename $(readlink /srv/acme/current)") for h in ("app1", "app2", "app3")}
+
+    def haproxy_states(self) -> dict[str, str]:
+        out = self.ssh("lb1", "echo 'show stat' | sudo socat -t 5 STDIO UNIX-CONNECT:/run/haproxy/admin.sock")
+        states = {}
+        for line in out.splitlines():
+            cols = line.split(",")
+            if len(cols) > 17 and cols[0] == "acme_app" and cols[1] not in ("BACKEND", "FRONTEND"):
+                states[cols[1]] = cols[17]
+        return states
+
+    def run_record(self) -> dict[str, Any]:
+        last = self.ssh("db1", "sudo cat /var/lib/djm/acme/last-run")
+        return dict(json.loads(self.ssh("db1", f"sudo cat /var/lib/djm/acme/runs/{last}.json")))
+
+    def lock(self) -> dict[str, Any] | None:
+        out = self.ssh("db1", "sudo cat /var/lib/djm/acme/lock.json 2>/dev/null || true")
+        return json.loads(out) if out else None
+
+    def backup_matches_live(self, backup_id: str) -> bool:
+        """The live database's fingerprints equal those recorded in the backup (pg_restore's compare-live)."""
+        out = self.ssh(
+            "db1",
+            "cd /tmp && sudo -u postgres /opt/pg-tools/venv/bin/python /opt/pg-tools/venv/bin/pg_snapshot_restore.py compare-live"
+            f" --dsn 'dbname=postgres port=5432' --database acme --backup-dir /var/backups/postgresql --id {backup_id}"
+            " --writes-blocked; echo rc=$?",
+        )
+        report = json.loads(out.rsplit("rc=", 1)[0])
+        return bool(out.endswith("rc=0")) and not report.get("diffs")
+
+    def get(self, path: str) -> tuple[int, str]:
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
+    def checkout_works(self) -> bool:
+        import urllib.request
+
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}/smoke/checkout", data=b"{}", headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - http://127.0.0.1 only
+                return 200 <= response.status < 300 and "order_id" in json.loads(response.read())
+        except OSError:
+            return False
+
+    # ------------------------------------------------------------------ load
+    @contextlib.contextmanager
+    def load(self, name: str, rate: int = 20, max_seconds: int = 900) -> Iterator[Load]:
+        """Steady mixed traffic through lb1 for the duration of the block; then every acknowledged order is looked up."""
+        LOGS.mkdir(parents=True, exist_ok=True)
+        out = LOGS / f"load-{name}.jsonl"
+        stop = LOGS / f"load-{name}.stop"
+        stop.unlink(missing_ok=True)
+        summary_file = LOGS / f"load-{name}.json"
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO / "scripts" / "loadgen.py"), "run", "--url", f"http://127.0.0.1:{self.http_port}",
+             "--rate", str(rate), "--duration", str(max_seconds), "--stop-file", str(stop), "--out", str(out),
+             "--summary", str(summary_file)],
+            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        load = Load(out)
+        time.sleep(3)  # preflight requests, then a few seconds of traffic before the operation
+        if proc.poll() is not None:
+            pytest.fail(f"loadgen stopped early: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            yield load
+        finally:
+            time.sleep(3)
+            stop.touch()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=30)
+            load.summary = json.loads(summary_file.read_text())
+            verify = subprocess.run(
+                [sys.executable, str(REPO / "scripts" / "loadgen.py"), "verify", str(out), "--json", "--min-orders", "0",
+                 "--psql-cmd", self.psql_cmd()],
+                cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120, check=False,
+            )  # fmt: skip
+            load.verify_output = verify.stdout + verify.stderr
+            with contextlib.suppress(ValueError):
+                load.missing_orders = len(json.loads(verify.stdout)["missing"])
+
+    def psql_cmd(self) -> str:
+        hv = self.hostvars["db1"]
+        return shlex.join(
+            ["ssh", "-i", hv["ansible_ssh_private_key_file"], "-o", "BatchMode=yes",
+             "-o", f"UserKnownHostsFile={REPO / '.fleet' / FLEET / 'known_hosts'}",
+             f"{hv['ansible_user']}@{hv['ansible_host']}", "sudo -u postgres psql -X -At -d acme"]
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def e2e() -> Iterator[E2E]:
+    if os.geteuid() != 0 or shutil.which("podman") is None:
+        pytest.fail("the end-to-end tests need root and podman: run `make setup`")
+    started = time.monotonic()
+    port = free_port()
+    sh([sys.executable, "scripts/fleet.py", "images"])
+    sh([sys.executable, "scripts/fleet.py", "up", "--name", FLEET, "--apps", "3", "--http-port", str(port),
+        "--inventory", str(INVENTORY)])  # fmt: skip
+    timings = {"fleet up": time.monotonic() - started}
+    try:
+        sh([sys.executable, "scripts/build_release.py", "all"])
+        sh(["ansible-playbook", "playbooks/local/cpython_source.yml"])
+        inventory = yaml.safe_load(INVENTORY.read_text())
+        hostvars: dict[str, dict[str, Any]] = {}
+        for group in inventory["all"]["children"].values():
+            for host, values in (group.get("hosts") or {}).items():
+                hostvars[host] = {**inventory["all"].get("vars", {}), **(values or {})}
+        fleet = E2E(port, hostvars, json.loads((REPO / ".fleet" / FLEET / "secrets.json").read_text()), timings)
+        t = time.monotonic()
+        fleet.playbook("playbooks/deploy.yml", check=True, log="deploy-v1")
+        timings["deploy v1"] = time.monotonic() - t
+        t = time.monotonic()
+        demo.fill_database(FLEET, INVENTORY, "3MB")
+        timings["data"] = time.monotonic() - t
+        yield fleet
+    finally:
+        print("\ne2e timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+        if not os.environ.get("DJM_E2E_KEEP"):
+            sh([sys.executable, "scripts/fleet.py", "down", "--name", FLEET], check=False)

@@ -1,0 +1,146 @@
+"""migrate.yml and rollback.yml on the shared fleet: the happy path under load, and every failure path.
+
+Each test starts and ends with every app host on v1 (the fixture's first release). File order
+matters only for speed: the first test pays for the Python 3.11 distribution once.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import E2E, ENV, INVENTORY, LOGS, REPO
+
+pytestmark = pytest.mark.e2e
+
+
+def assert_back_on_v1(e2e: E2E) -> None:
+    """The site serves v1 from every host, all UP in HAProxy, checkouts work, the lock is free."""
+    assert set(e2e.serving().values()) == {"v1"}, e2e.serving()
+    assert set(e2e.haproxy_states().values()) == {"UP"}, e2e.haproxy_states()
+    status, body = e2e.get("/healthz")
+    assert status == 200 and json.loads(body)["release"] == "v1", body
+    assert e2e.checkout_works()
+    assert e2e.lock() is None
+
+
+def failures(load: object) -> dict[str, int]:
+    return dict(getattr(load, "summary", {}).get("failures_by_status", {}))
+
+
+def test_migrate_v1_to_v2_then_rollback_keeps_every_order(e2e: E2E) -> None:
+    """The fixture's v2 drops products.category: auto must not let v1 serve the migrated schema."""
+    with e2e.load("migrate-v2") as load:
+        run = e2e.migrate("v2")
+    record = e2e.run_record()
+    print(f"\nmigrate v1->v2: {run.seconds:.0f}s, strategy {record['strategy']}, load {load.summary['total']} requests,"
+          f" failures {failures(load)}, maintenance {record.get('maintenance', {}).get('seconds')}s")  # fmt: skip
+    assert record["result"] == "succeeded" and record["to_release"] == "v2"
+    assert set(e2e.serving().values()) == {"v2"}
+    # Only the maintenance page may answer anything but success, and only inside the window.
+    assert set(failures(load)) <= {"503"}, load.summary["failures_by_status"]
+    assert load.missing_orders == 0, load.verify_output
+    assert e2e.lock() is None
+
+    with e2e.load("rollback-auto") as load:
+        run = e2e.rollback()
+    record = e2e.run_record()
+    print(f"rollback auto ({record['converge']['mode']}): {run.seconds:.0f}s, failures {failures(load)},"
+          f" maintenance {record.get('maintenance', {}).get('seconds')}s")  # fmt: skip
+    assert record["converge"]["mode"] == "reverse"  # v2's migrations are all reversible: orders kept
+    assert set(failures(load)) <= {"503"}, load.summary["failures_by_status"]
+    assert load.missing_orders == 0, load.verify_output
+    assert_back_on_v1(e2e)
+    # catalog is back at its v1 node, and the orders placed while v2 served are still there.
+    assert e2e.sql("SELECT max(name) FROM django_migrations WHERE app = 'catalog'") == "0001_initial"
+
+    again = e2e.rollback(log="rollback-again")
+    assert "nothing to do" in again.output
+    assert_back_on_v1(e2e)
+
+
+def test_failed_migration_restores_automatically_without_flags(e2e: E2E) -> None:
+    """v2-bad-migration commits half its data migration, then fails: restore, serve v1, data equal to the backup."""
+    run = e2e.migrate("v2-bad-migration", check=False)
+    assert run.rc != 0
+    record = e2e.run_record()
+    assert record["result"] == "rolled_back", record
+    assert record["converge"]["mode"] == "restore", record["converge"]
+    assert "failed at stage migrate" in run.output
+    assert e2e.backup_matches_live(record["backup_id"])
+    assert_back_on_v1(e2e)
+
+
+def test_failed_health_gate_on_second_host_brings_every_host_and_the_database_back(e2e: E2E) -> None:
+    run = e2e.migrate("v2-bad-health", check=False)
+    assert run.rc != 0
+    record = e2e.run_record()
+    assert record["result"] == "rolled_back", record
+    assert record["failure"]["stage"] == "switch"
+    assert record["converge"]["mode"] in {"reverse", "restore"}
+    assert e2e.sql("SELECT count(*) FROM django_migrations WHERE app = 'catalog'") == "1"
+    assert_back_on_v1(e2e)
+
+
+def test_unreachable_app_host_stops_the_run_before_any_change(e2e: E2E) -> None:
+    migrations_before = e2e.sql("SELECT count(*) FROM django_migrations")
+    subprocess.run(["podman", "stop", "-t", "0", "djme2e-app1"], env=ENV, check=True, capture_output=True)
+    try:
+        run = e2e.migrate("v2", check=False, log="migrate-app1-down")
+    finally:
+        subprocess.run(["podman", "start", "djme2e-app1"], env=ENV, check=True, capture_output=True)
+        subprocess.run([str(REPO / ".venv/bin/python"), "scripts/fleet.py", "up", "--name", "djme2e", "--apps", "3",
+                        "--inventory", str(INVENTORY)], cwd=REPO, env=ENV, check=True, capture_output=True)  # fmt: skip
+    assert run.rc != 0
+    assert "UNREACHABLE" in run.output
+    assert "PLAY [Lock" not in run.output  # stopped in preflight
+    assert e2e.sql("SELECT count(*) FROM django_migrations") == migrations_before
+    e2e.playbook("playbooks/deploy.yml", "--tags", "release", check=True, log="redeploy-app1")
+    assert_back_on_v1(e2e)
+
+
+def test_a_second_run_is_refused_and_a_stale_lock_is_reported(e2e: E2E) -> None:
+    stale = {"run_id": "20260101T000000Z-dead0", "owner": "someone", "controller": "elsewhere.example",
+             "pid": 1, "playbook": "migrate", "target": "v9", "locked_at": "2026-01-01T00:00:00Z"}  # fmt: skip
+    e2e.ssh("db1", f"echo {json.dumps(json.dumps(stale))} | sudo tee /var/lib/djm/acme/lock.json >/dev/null")
+    try:
+        run = e2e.migrate("v2", check=False, log="migrate-locked")
+        assert run.rc != 0
+        assert "holds the deploy lock of acme: run 20260101T000000Z-dead0 (migrate to v9) by someone" in run.output
+        assert "-e migrate_break_lock=true" in run.output
+        assert set(e2e.serving().values()) == {"v1"}
+    finally:
+        e2e.ssh("db1", "sudo rm -f /var/lib/djm/acme/lock.json")
+
+
+def test_controller_killed_mid_switch_is_finished_by_rollback(e2e: E2E) -> None:
+    argv = ["ansible-playbook", "-i", str(INVENTORY), "migrate.yml", "-e", "project_release_id=v2",
+            "-e", "project_python_version=3.11.2", "-e", "migrate_strategy=rolling"]  # fmt: skip
+    LOGS.mkdir(parents=True, exist_ok=True)
+    with (LOGS / "migrate-killed.log").open("w") as log:
+        proc = subprocess.Popen(argv, cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline and proc.poll() is None:
+            if "Drain the host in HAProxy before switching it to v2" in (LOGS / "migrate-killed.log").read_text():
+                time.sleep(2)
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "the run ended before its switch stage"
+        import os
+
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    record = e2e.run_record()
+    assert "result" not in record and record["stage"] in {"switch", "migrate"}
+    assert e2e.lock() is not None
+
+    refused = e2e.migrate("v2", check=False, log="migrate-after-kill")
+    assert refused.rc != 0 and "rollback.yml" in refused.output
+
+    e2e.rollback(log="rollback-after-kill")
+    record = e2e.run_record()
+    assert record["result"] == "rolled_back"
+    assert_back_on_v1(e2e)
