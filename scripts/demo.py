@@ -8,10 +8,11 @@ Steps (each idempotent, so a second run only checks):
   4. fill the database with generated data (scripts/gen_data.py through an SSH tunnel to db1),
      unless it already holds data;
   5. ask /healthz through lb1;
-  6. migrate to v2 (migrate.yml): verified backup, Python 3.11 built once and distributed, v2
-     prepared beside v1, migrations applied once, app hosts switched one at a time behind HAProxy;
-  7. roll back (rollback.yml): the pre-migration backup restored and checked table by table
-     against its fingerprints, the app hosts switched back to v1.
+  6. migrate to v2 (migrate.yml): Python 3.11 built once and distributed, v2 prepared beside v1,
+     the migration plan (v2 drops a column: maintenance window), verified backup, migrations
+     applied once, app hosts switched;
+  7. roll back (rollback.yml): from the run record, v2's migrations reversed with v2's code in a
+     short maintenance window (writes kept), the app hosts switched back to v1.
 --stop-after v1|v2 ends the demo earlier.
 """
 
@@ -146,9 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         run(["ansible-playbook", "-i", str(inventory), "migrate.yml", *to_v2], env=env)
         show_health(args.http_port, requests=args.apps + 1)
     if args.stop_after == "rollback":
-        # The migration's own schema changes are writes after the backup: pg_restore lists them and,
-        # with no app traffic in this demo, may discard them.
-        run(["ansible-playbook", "-i", str(inventory), "rollback.yml", "-e", "rollback_writes_blocked=true"], env=env)
+        # From the run record: v2's migrations are all reversible, so they are migrated back (writes kept).
+        run(["ansible-playbook", "-i", str(inventory), "rollback.yml"], env=env)
         show_health(args.http_port, requests=args.apps + 1)
     log(f"done in {time.monotonic() - started:.0f}s: the fixture app serves on http://127.0.0.1:{args.http_port}/")
     return 0
