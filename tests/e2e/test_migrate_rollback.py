@@ -11,9 +11,7 @@ import signal
 import subprocess
 import time
 
-import pytest
 from conftest import E2E, ENV, INVENTORY, LOGS, REPO
-
 
 
 def assert_back_on_v1(e2e: E2E) -> None:
