@@ -145,3 +145,35 @@ def test_controller_killed_mid_switch_is_finished_by_rollback(e2e: E2E) -> None:
     record = e2e.run_record()
     assert record["result"] == "rolled_back"
     assert_back_on_v1(e2e)
+
+
+def test_rollback_modes_refuse_what_would_break_or_lose_and_restore_keeps_the_replaced_database(e2e: E2E) -> None:
+    e2e.migrate("v2", log="migrate-v2-for-modes")
+    # code: v2 dropped products.category, which v1 reads.
+    code = e2e.rollback("-e", "rollback_mode=code", check=False, log="rollback-code")
+    assert code.rc != 0 and "break the code of v1" in code.output, code.output[-3000:]
+    assert set(e2e.serving().values()) == {"v2"} and e2e.lock() is None
+
+    # restore: users wrote since the backup (checkouts on v2): refused, the site left in maintenance,
+    # nothing discarded.
+    with e2e.load("rollback-restore-refused", rate=10) as load:
+        refused = e2e.rollback("-e", "rollback_mode=restore", check=False, log="rollback-restore-refused")
+    assert refused.rc != 0 and "nothing was discarded" in refused.output, refused.output[-3000:]
+    assert e2e.get("/smoke/profile/1")[0] == 503  # the maintenance page, not the app
+    assert load.missing_orders == 0, load.verify_output
+    acknowledged = [json.loads(line)["order_id"] for line in load.out.read_text().splitlines() if '"order_id": ' in line]
+    acknowledged = [order for order in acknowledged if order is not None]
+    assert acknowledged, "the load placed no order before the window"
+
+    # restore, discarding those writes on purpose: they stay in the replaced database.
+    accepted = e2e.rollback("-e", "rollback_mode=restore", "-e", "rollback_accept_data_loss=true", log="rollback-restore")
+    record = e2e.run_record()
+    failed_db = record["restored"]["failed_db"]
+    print(f"\nrollback restore: {accepted.seconds:.0f}s, maintenance {record['maintenance'].get('seconds')}s,"
+          f" {len(acknowledged)} orders kept in {failed_db}")  # fmt: skip
+    assert record["converge"]["mode"] == "restore" and failed_db
+    kept = e2e.ssh("db1", f"sudo -u postgres psql -X -At -d {failed_db} -c "
+                          f"'SELECT count(*) FROM orders WHERE id IN ({','.join(map(str, acknowledged))})'")  # fmt: skip
+    assert int(kept) == len(acknowledged)
+    assert e2e.backup_matches_live(record["backup_id"])
+    assert_back_on_v1(e2e)
