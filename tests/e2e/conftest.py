@@ -142,8 +142,9 @@ class E2E:
         return states
 
     def run_record(self) -> dict[str, Any]:
-        last = self.ssh("db1", "sudo cat /var/lib/djm/acme/last-run")
-        return dict(json.loads(self.ssh("db1", f"sudo cat /var/lib/djm/acme/runs/{last}.json")))
+        """The record of the last migrate.yml run ({} before the first)."""
+        last = self.ssh("db1", "sudo cat /var/lib/djm/acme/last-run 2>/dev/null || true")
+        return dict(json.loads(self.ssh("db1", f"sudo cat /var/lib/djm/acme/runs/{last}.json"))) if last else {}
 
     def lock(self) -> dict[str, Any] | None:
         out = self.ssh("db1", "sudo cat /var/lib/djm/acme/lock.json 2>/dev/null || true")
