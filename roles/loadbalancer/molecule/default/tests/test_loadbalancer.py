@@ -1,18 +1,64 @@
-"""Checks of the loadbalancer scenario: two HAProxy instances in front of two tiny backends."""
+"""Checks of the loadbalancer scenario: two HAProxy instances in front of two tiny backends.
+
+The drain/ready and maintenance tests run the scenario's playbooks (drain.yml, ready.yml,
+maintenance.yml) against both load balancers and look at every one of them afterwards.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
+import time
 from collections import Counter
+from functools import cache
 from pathlib import Path
+from typing import Any
+
+import testinfra
 
 testinfra_hosts = ["lb"]
 
 APPS = ("lbrole-app-debian11", "lbrole-app-debian12")
 DRAINED = "lbrole-app-debian12"
 SOCKET = "/run/haproxy/admin.sock"
+MAINTENANCE_MAP = "/etc/haproxy/django-maintenance.map"
 REQUESTS = 20
+SLOW_REQUEST_UNIT = "molecule-slow-request"
+
+# Run by a load balancer's python3: what a client and the runtime API see, in one remote call.
+PROBE = r"""
+import json, socket, sys, urllib.error, urllib.request
+sock, map_file = sys.argv[1], sys.argv[2]
+def get(path):
+    try:
+        with urllib.request.urlopen("http://127.0.0.1" + path, timeout=5) as response:
+            status, headers, body = response.status, response.getheaders(), response.read()
+    except urllib.error.HTTPError as error:
+        status, headers, body = error.code, list(error.headers.items()), error.read()
+    return {"status": status, "headers": {k.lower(): v for k, v in headers}, "body": body.decode()}
+def api(command):
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(sock)
+    client.sendall(command.encode() + b"\n")
+    out = b""
+    while True:
+        chunk = client.recv(65536)
+        if not chunk:
+            break
+        out += chunk
+    client.close()
+    return out.decode()
+with open(map_file) as handle:
+    map_content = handle.read()
+print(json.dumps({
+    "root": get("/"), "whoami": get("/whoami"), "health": get("/healthz"),
+    "map_file": map_content,
+    "runtime_map": api("show map " + map_file).split()[1:],
+    "pid": [line.split(":")[1].strip() for line in api("show info").splitlines() if line.startswith("Pid:")][0],
+}))
+"""
 
 
 def runtime_api(host, command: str) -> str:
@@ -24,21 +70,88 @@ def server_status(host) -> dict[str, str]:
     return {row[1]: row[17] for row in rows if row[0] == "django_app" and row[1] in APPS}
 
 
+def sessions(host) -> int:
+    rows = [line.split(",") for line in runtime_api(host, "show stat").splitlines()]
+    return sum(int(row[4]) for row in rows if row[0] == "django_app" and row[1] in APPS)
+
+
 def answers(host, count: int = REQUESTS) -> Counter[str]:
-    """Send `count` requests through this load balancer; count which backend answered each."""
-    seen: Counter[str] = Counter()
-    for _ in range(count):
-        seen[host.check_output("curl -sf --max-time 5 http://127.0.0.1/whoami").strip()] += 1
-    return seen
+    """Send `count` requests through this load balancer; count which backend answered each (or "failed").
+
+    One remote call for all of them: each call through testinfra's ansible backend takes seconds.
+    """
+    out = host.check_output(f"for i in $(seq {count}); do curl -sf --max-time 5 http://127.0.0.1/whoami || echo failed; done")
+    return Counter(out.split())
 
 
-def run_playbook(name: str) -> None:
+@cache
+def every_lb() -> list[Any]:
+    return testinfra.get_hosts(["lb"], connection="ansible", ansible_inventory=os.environ["MOLECULE_INVENTORY_FILE"])
+
+
+def name(host) -> str:
+    return host.backend.get_hostname()
+
+
+def probe(host) -> dict[str, Any]:
+    result = host.run("python3 -c %s %s %s", PROBE, SOCKET, MAINTENANCE_MAP)
+    assert result.rc == 0, f"{name(host)}: {result.stderr}"
+    return json.loads(result.stdout)
+
+
+def run_playbook(name: str, extra_vars: dict[str, Any] | None = None, check: bool = False) -> dict[str, int]:
+    """Run a playbook of the scenario; return the number of changed tasks per host from its recap."""
     scenario = Path(os.environ["MOLECULE_SCENARIO_DIRECTORY"])
+    argv = ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], str(scenario / name)]
+    if extra_vars is not None:
+        argv += ["--extra-vars", json.dumps(extra_vars)]
+    if check:
+        argv.append("--check")
     result = subprocess.run(
-        ["ansible-playbook", "-i", os.environ["MOLECULE_INVENTORY_FILE"], str(scenario / name)],
-        capture_output=True, text=True, check=False, env=os.environ.copy(),
+        argv, capture_output=True, text=True, check=False, env={**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0"}
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    changed = {m[1]: int(m[2]) for m in re.finditer(r"^(\S+)\s+:\s+ok=\d+\s+changed=(\d+)", result.stdout, re.MULTILINE)}
+    assert changed, result.stdout[-3000:]
+    return changed
+
+
+def window(opened: bool, check: bool = False) -> dict[str, int]:
+    return run_playbook("maintenance.yml", {"loadbalancer_maintenance": opened}, check=check)
+
+
+def assert_window_open(lb, state: dict[str, Any]) -> None:
+    where = name(lb)
+    root = state["root"]
+    assert root["status"] == 503, (where, root)
+    assert root["headers"]["retry-after"] == "30", (where, root["headers"])
+    assert root["headers"]["content-type"].startswith("text/html"), (where, root["headers"])
+    assert "Down for maintenance" in root["body"], (where, root["body"])
+    assert state["whoami"]["status"] == 503, where
+    # The health path still goes through to a backend (the tiny Python server answers it).
+    health = state["health"]
+    assert health["status"] == 200 and json.loads(health["body"]) == {"status": "ok"}, (where, health)
+    assert health["headers"]["server"].startswith("SimpleHTTP"), (where, health["headers"])
+    assert state["map_file"] == "state on\n", where
+    assert state["runtime_map"] == ["state", "on"], where
+
+
+def assert_window_closed(lb, state: dict[str, Any]) -> None:
+    where = name(lb)
+    assert state["root"]["status"] == 200, (where, state["root"])
+    assert state["whoami"]["status"] == 200 and state["whoami"]["body"].strip() in APPS, (where, state["whoami"])
+    assert state["map_file"] == "state off\n", where
+    assert state["runtime_map"] == ["state", "off"], where
+
+
+def reloaded(lb, old_pid: str) -> dict[str, Any]:
+    """The probe once a new HAProxy worker (another pid) answers on the admin socket."""
+    for _ in range(40):
+        result = lb.run("python3 -c %s %s %s", PROBE, SOCKET, MAINTENANCE_MAP)
+        if result.rc == 0 and json.loads(result.stdout)["pid"] != old_pid:
+            return json.loads(result.stdout)
+        time.sleep(0.5)
+    raise AssertionError(f"{name(lb)}: no new HAProxy worker after the reload")
 
 
 def test_haproxy_running_with_valid_config(host):
@@ -56,6 +169,12 @@ def test_admin_socket(host):
     assert sock.mode == 0o660
 
 
+def test_maintenance_window_closed_after_converge(host):
+    state = host.file(MAINTENANCE_MAP)
+    assert (state.user, state.group, state.mode) == ("root", "haproxy", 0o644)
+    assert_window_closed(host, probe(host))
+
+
 def test_both_backends_up_and_serving(host):
     assert server_status(host) == dict.fromkeys(APPS, "UP")
     assert set(answers(host)) == set(APPS)
@@ -67,6 +186,50 @@ def test_drained_backend_gets_no_new_requests_and_comes_back(host):
     seen = answers(host)
     assert seen[DRAINED] == 0
     assert seen["lbrole-app-debian11"] == REQUESTS
+    # Check mode neither puts it back nor waits for it to come UP (it never would).
+    run_playbook("ready.yml", check=True)
+    assert server_status(host)[DRAINED] == "DRAIN"
     run_playbook("ready.yml")
-    assert server_status(host)[DRAINED] == "UP"
+    # ready.yml returns once every load balancer reports the server UP: no waiting here.
+    assert {name(lb): server_status(lb)[DRAINED] for lb in every_lb()} == {name(lb): "UP" for lb in every_lb()}
     assert answers(host)[DRAINED] > 0
+
+
+def test_maintenance_window_opens_survives_a_reload_and_closes():
+    try:
+        assert sum(window(opened=True).values()) > 0
+        assert window(opened=True) == {"lbrole-app-debian11": 0}, "opening an open window changed something"
+        for lb in every_lb():
+            assert_window_open(lb, probe(lb))
+        # A reload re-reads the map file: the window stays open in the new worker.
+        for lb in every_lb():
+            old_pid = probe(lb)["pid"]
+            assert lb.run("systemctl reload haproxy").rc == 0
+            assert_window_open(lb, reloaded(lb, old_pid))
+    finally:
+        closing = window(opened=False)
+    assert sum(closing.values()) > 0
+    assert window(opened=False) == {"lbrole-app-debian11": 0}, "closing a closed window changed something"
+    for lb in every_lb():
+        assert_window_closed(lb, probe(lb))
+
+
+def test_maintenance_check_mode_opens_nothing_and_does_not_wait_for_requests_in_flight():
+    lb = every_lb()[0]
+    start = lb.run(
+        f"systemd-run --unit={SLOW_REQUEST_UNIT} --collect curl -s --limit-rate 100k -o /dev/null http://127.0.0.1/big"
+    )
+    assert start.rc == 0, start.stderr
+    try:
+        for _ in range(40):
+            if sessions(lb) > 0:
+                break
+            time.sleep(0.5)
+        assert sessions(lb) > 0, "the slow request never reached a backend"
+        # A real opening would wait for that request (and give up after loadbalancer_drain_timeout).
+        window(opened=True, check=True)
+        assert sessions(lb) > 0, "the slow request ended: the test proves nothing"
+        for each in every_lb():
+            assert_window_closed(each, probe(each))
+    finally:
+        lb.run(f"systemctl stop {SLOW_REQUEST_UNIT}")
