@@ -238,6 +238,8 @@ def e2e() -> Iterator[E2E]:
     started = time.monotonic()
     port = free_port()
     sh([sys.executable, "scripts/fleet.py", "images"])
+    # Always a new fleet: one left by an interrupted session holds that session's releases and runs.
+    sh([sys.executable, "scripts/fleet.py", "down", "--name", FLEET], check=False)
     sh([sys.executable, "scripts/fleet.py", "up", "--name", FLEET, "--apps", "3", "--http-port", str(port),
         "--inventory", str(INVENTORY)])  # fmt: skip
     timings = {"fleet up": time.monotonic() - started}
