@@ -253,7 +253,7 @@ def test_fixture_v1_from_an_empty_database_on_django_32(pg_cluster: h.Cluster) -
 # Generated projects: one app per case, on Django 3.2, 4.2 and 5.2
 # --------------------------------------------------------------------------------------------
 
-APPS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
+APPS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet")
 SETTINGS = """\
 import os
 
@@ -294,13 +294,15 @@ ROWS = {
 }
 
 
-def migration_source(dependencies: list[tuple[str, str]], operations: list[str], prelude: str = "") -> str:
+def migration_source(dependencies: list[tuple[str, str]], operations: list[str], prelude: str = "", atomic: bool = True) -> str:
     ops = textwrap.indent(",\n".join(textwrap.dedent(o).strip() for o in operations) + ",", " " * 8)
     return (
         "import os\n\nimport django.db.models.deletion\nimport django.db.models.functions\nimport django.db.models.manager\n"
         "from django.db import migrations, models\nfrom django.db.migrations.operations.base import Operation\n\n"
         + textwrap.dedent(prelude)
-        + f"\n\nclass Migration(migrations.Migration):\n    dependencies = {dependencies!r}\n\n    operations = [\n{ops}\n    ]\n"
+        + "\n\nclass Migration(migrations.Migration):\n"
+        + ("" if atomic else "    atomic = False\n")
+        + f"    dependencies = {dependencies!r}\n\n    operations = [\n{ops}\n    ]\n"
     )
 
 
@@ -335,6 +337,8 @@ def applied_migrations() -> dict[str, str]:
             f'name="Ticket", fields=[{ID}, ("title", models.CharField(max_length=50)), ("old_flag", models.BooleanField())]',
         ),
         "hotel/0001_initial": initial(f'name="Seat", fields=[{ID}]'),
+        "india/0001_initial": initial(f'name="Row", fields=[{ID}, ("body", models.TextField())]'),
+        "juliet/0001_initial": initial(f'name="Log", fields=[{ID}, ("at", models.IntegerField())]'),
     }
 
 
@@ -433,6 +437,20 @@ def pending_migrations(version: tuple[int, int]) -> dict[str, str]:
         ),
         "hotel/0002_seat_label": migration_source(
             [("hotel", "0001_initial")], ['migrations.AddField("seat", "label", models.CharField(max_length=10, null=True))']
+        ),
+        "india/0002_nonatomic_backfill": migration_source(
+            [("india", "0001_initial")],
+            ["migrations.RunPython(backfill, migrations.RunPython.noop)"],
+            "def backfill(apps, schema_editor):\n    pass\n",
+            atomic=False,
+        ),
+        "juliet/0002_concurrent_index": migration_source(
+            [("juliet", "0001_initial")],
+            [
+                'migrations.RunSQL("CREATE INDEX CONCURRENTLY juliet_log_at_idx ON juliet_log (at)",'
+                ' reverse_sql="DROP INDEX CONCURRENTLY juliet_log_at_idx")'
+            ],
+            atomic=False,
         ),
         "hotel/0003_seat_ticket": migration_source(
             [("hotel", "0002_seat_label"), ("golf", "0003_ticket_note")],
@@ -640,6 +658,20 @@ def test_synthetic_irreversible_data_migration_needs_maintenance(synthetic: Synt
 
 
 @pytest.mark.slow
+def test_synthetic_non_atomic_data_migration_needs_maintenance(synthetic: Synthetic) -> None:
+    """Cut half-way, a non-atomic data migration leaves part of its work committed: only a restore undoes it."""
+    doc = synthetic.doc("--targets", "india")
+    assert classes(doc, "india.0002_nonatomic_backfill") == [("RunPython", "expand")]
+    assert migration(doc, "india.0002_nonatomic_backfill")["atomic"] is False
+    assert doc["verdict"] == "maintenance"
+    assert any("india.0002_nonatomic_backfill is not atomic" in r for r in doc["verdict_reasons"]), doc["verdict_reasons"]
+    # A non-atomic migration that only builds an index concurrently can still roll.
+    doc = synthetic.doc("--targets", "juliet")
+    assert migration(doc, "juliet.0002_concurrent_index")["atomic"] is False
+    assert doc["verdict"] == "rolling", doc["verdict_reasons"]
+
+
+@pytest.mark.slow
 def test_synthetic_contract_migration_blocks_later_ones(synthetic: Synthetic) -> None:
     doc = synthetic.doc("--targets", "golf", "hotel")
     assert set(doc["pending"]) == {
@@ -679,7 +711,7 @@ def test_synthetic_contract_migration_blocks_later_ones(synthetic: Synthetic) ->
 def test_synthetic_whole_plan(synthetic: Synthetic) -> None:
     doc = synthetic.doc()
     assert doc["leaf_nodes_before"] == dict.fromkeys(APPS, "0001_initial")
-    assert len(doc["pending"]) == 11
+    assert len(doc["pending"]) == 13
     assert doc["verdict"] == "maintenance"
     # Every case is judged the same way inside the whole plan as alone.
     for app in ("alpha", "bravo", "charlie", "delta"):

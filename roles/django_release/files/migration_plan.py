@@ -140,6 +140,8 @@ PROG = "migration_plan"
 
 CLASS_RANK = {"expand": 0, "contract": 1, "unknown": 2}
 
+CONCURRENT_INDEX = re.compile(r"^\s*(CREATE\s+(UNIQUE\s+)?|DROP\s+)INDEX\s+CONCURRENTLY\b", re.IGNORECASE)
+
 
 class BadInput(Exception):
     """The arguments cannot be analysed (exit 2)."""
@@ -1806,6 +1808,23 @@ def assemble(
                 "operations": [{k: v for k, v in o.items() if not k.startswith("_")} for o in m["operations"]],
             }
         )
+
+    # A non-atomic migration cut half-way leaves part of its data work committed, which Django does not
+    # record and no reverse undoes: only a restore does, and a restore is lossless only while writes
+    # are blocked. Index builds (CONCURRENTLY) are not data work.
+    for m in out_migrations:
+        data_ops = [
+            o
+            for o in m["operations"]
+            if o["operation"] == "RunPython"
+            or (o["operation"] == "RunSQL" and not all(CONCURRENT_INDEX.match(sql) for sql in o["sql"]))
+        ]
+        if not m["atomic"] and data_ops:
+            maintenance.append(
+                f"{m['migration']} is not atomic and runs data operations"
+                f" ({', '.join(str(o['index']) + ' ' + o['operation'] for o in data_ops)}): cut half-way, part of its work"
+                " stays committed and only a restore undoes it, which loses nothing only while writes are blocked"
+            )
 
     strategy = None
     if maintenance:
