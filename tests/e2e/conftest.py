@@ -1,10 +1,11 @@
 """End-to-end tests of migrate.yml and rollback.yml on one shared local fleet.
 
-The session fixture `e2e` brings up its own fleet `djme2e` (lb1, app1..app3 on Debian 11, db1),
-deploys the fixture's v1 with playbooks/deploy.yml, loads a little generated data, and hands the
-tests helpers to run the operator's commands, send steady traffic through lb1 (scripts/loadgen.py)
-and look at the hosts over SSH. Every test leaves the fleet serving v1 (through the product's own
-rollback), so the tests share it. `DJM_E2E_KEEP=1` keeps the fleet afterwards.
+The session fixture `e2e` brings up its own fleet (lb1, app1..app3 on Debian 11, db1) named by
+DJM_E2E_FLEET (default `djme2e`; two sessions running at once need two names), lb1 on host port
+DJM_E2E_HTTP_PORT (default: a free one), deploys the fixture's v1 with playbooks/deploy.yml, loads
+a little generated data, and hands the tests helpers to run the operator's commands, send steady
+traffic through lb1 (scripts/loadgen.py) and look at the hosts over SSH. Every test leaves the
+fleet serving v1 (through the product's own rollback), so the tests share it. `DJM_E2E_KEEP=1` keeps the fleet afterwards.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import demo  # noqa: E402 - the demo's data loader, through the path set above
 
-FLEET = "djme2e"
+FLEET = os.environ.get("DJM_E2E_FLEET", "djme2e")
 INVENTORY = REPO / "inventories" / "local" / f"{FLEET}-hosts.yml"
 LOGS = REPO / "build" / "e2e"
 PYTHON_VERSION = "3.11.2"
@@ -236,7 +237,7 @@ def e2e() -> Iterator[E2E]:
     if os.geteuid() != 0 or shutil.which("podman") is None:
         pytest.fail("the end-to-end tests need root and podman: run `make setup`")
     started = time.monotonic()
-    port = free_port()
+    port = int(os.environ.get("DJM_E2E_HTTP_PORT") or free_port())
     sh([sys.executable, "scripts/fleet.py", "images"])
     # Always a new fleet: one left by an interrupted session holds that session's releases and runs.
     sh([sys.executable, "scripts/fleet.py", "down", "--name", FLEET], check=False)

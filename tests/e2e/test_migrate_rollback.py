@@ -6,12 +6,14 @@ matters only for speed: the first test pays for the Python 3.11 distribution onc
 
 from __future__ import annotations
 
+import datetime
 import json
 import signal
 import subprocess
 import time
+from typing import Any
 
-from conftest import E2E, ENV, INVENTORY, LOGS, REPO
+from conftest import E2E, ENV, FLEET, INVENTORY, LOGS, REPO
 
 
 def assert_back_on_v1(e2e: E2E) -> None:
@@ -28,14 +30,68 @@ def failures(load: object) -> dict[str, int]:
     return dict(getattr(load, "summary", {}).get("failures_by_status", {}))
 
 
+def stage_seconds(record: dict[str, Any]) -> dict[str, float]:
+    """Seconds spent in each stage of a run, from the start/end stamps of its record."""
+
+    def parse(stamp: str) -> datetime.datetime:
+        return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+
+    return {
+        name: round((parse(times["finished"]) - parse(times["started"])).total_seconds(), 1)
+        for name, times in record.get("stages", {}).items()
+        if "started" in times and "finished" in times
+    }
+
+
+def column(table: str, name: str) -> str:
+    """is_nullable of a column of the fixture's database ('' when it does not exist)."""
+    return (
+        "SELECT coalesce(max(is_nullable), '') FROM information_schema.columns"
+        f" WHERE table_name = '{table}' AND column_name = '{name}'"
+    )
+
+
+def test_two_phase_v1_to_v2_under_load_fails_no_request_then_rollback(e2e: E2E) -> None:
+    """auto picks two_phase for v2: expand, rolling switch, contract; not one request fails, no order is lost."""
+    with e2e.load("migrate-v2-two-phase") as load:
+        run = e2e.migrate("v2", log="migrate-v2-two-phase")
+    record = e2e.run_record()
+    two_phase = record["two_phase"]
+    print(f"\nmigrate v1->v2 two_phase: {run.seconds:.0f}s, load {load.summary['total']} requests,"
+          f" {load.summary['orders_acknowledged']} orders, failures {failures(load)}, missing {load.missing_orders};"
+          f" stages {stage_seconds(record)}")  # fmt: skip
+    print("  migrations (s): " + ", ".join(f"{m['migration']} {m['seconds']}" for m in two_phase["migrations"]))
+    assert record["result"] == "succeeded" and record["strategy"] == "two_phase", record.get("strategy_reason")
+    assert "maintenance" not in record
+    assert failures(load) == {} and load.summary["failed"] == 0, load.summary["failures_by_status"]
+    assert load.missing_orders == 0 and load.summary["orders_acknowledged"] > 0, load.verify_output
+    assert record["contract_pending"] is False and two_phase["deferred_pending"] == []
+    assert len(two_phase["deferred_done"]) == 2 and two_phase["contract"]["status"] == "done"
+    assert {m["migration"] for m in two_phase["migrations"]} == set(record["applied"])
+    assert e2e.sql(column("products", "category")) == ""  # dropped by contract
+    assert e2e.sql(column("products", "category_id")) == "NO"  # SET NOT NULL by contract
+    assert set(e2e.serving().values()) == {"v2"} and e2e.lock() is None
+
+    with e2e.load("rollback-two-phase") as load:
+        run = e2e.rollback(log="rollback-two-phase")
+    record = e2e.run_record()
+    print(f"rollback auto ({record['converge']['mode']}): {run.seconds:.0f}s, failures {failures(load)},"
+          f" maintenance {record.get('maintenance', {}).get('seconds')}s")  # fmt: skip
+    assert record["converge"]["mode"] == "reverse"  # contract done: a normal Django reverse
+    assert set(failures(load)) <= {"503"}, load.summary["failures_by_status"]
+    assert load.missing_orders == 0, load.verify_output
+    assert_back_on_v1(e2e)
+    assert e2e.sql("SELECT max(name) FROM django_migrations WHERE app = 'catalog'") == "0001_initial"
+
+
 def test_migrate_v1_to_v2_then_rollback_keeps_every_order(e2e: E2E) -> None:
-    """The fixture's v2 drops products.category: auto must not let v1 serve the migrated schema."""
+    """The maintenance strategy, forced: 503 with the page inside the window only, every order kept."""
     with e2e.load("migrate-v2") as load:
-        run = e2e.migrate("v2")
+        run = e2e.migrate("v2", "-e", "migrate_strategy=maintenance")
     record = e2e.run_record()
     print(f"\nmigrate v1->v2: {run.seconds:.0f}s, strategy {record['strategy']}, load {load.summary['total']} requests,"
           f" failures {failures(load)}, maintenance {record.get('maintenance', {}).get('seconds')}s")  # fmt: skip
-    assert record["result"] == "succeeded" and record["to_release"] == "v2"
+    assert record["result"] == "succeeded" and record["to_release"] == "v2" and record["strategy"] == "maintenance"
     assert set(e2e.serving().values()) == {"v2"}
     # Only the maintenance page may answer anything but success, and only inside the window.
     assert set(failures(load)) <= {"503"}, load.summary["failures_by_status"]
@@ -60,8 +116,12 @@ def test_migrate_v1_to_v2_then_rollback_keeps_every_order(e2e: E2E) -> None:
 
 
 def test_failed_migration_restores_automatically_without_flags(e2e: E2E) -> None:
-    """v2-bad-migration commits half its data migration, then fails: restore, serve v1, data equal to the backup."""
-    run = e2e.migrate("v2-bad-migration", check=False)
+    """v2-bad-migration commits half its data migration, then fails: restore, serve v1, data equal to the backup.
+
+    Its plan says two_phase (a two-phase run would switch back and keep the half-applied data):
+    the maintenance strategy, forced, is the one whose window makes the restore lose nothing.
+    """
+    run = e2e.migrate("v2-bad-migration", "-e", "migrate_strategy=maintenance", check=False)
     assert run.rc != 0
     record = e2e.run_record()
     assert record["result"] == "rolled_back", record
@@ -71,26 +131,55 @@ def test_failed_migration_restores_automatically_without_flags(e2e: E2E) -> None
     assert_back_on_v1(e2e)
 
 
-def test_failed_health_gate_on_second_host_brings_every_host_and_the_database_back(e2e: E2E) -> None:
-    run = e2e.migrate("v2-bad-health", check=False)
-    assert run.rc != 0
+def test_two_phase_failed_health_gate_switches_back_and_the_next_run_finishes_the_contract(e2e: E2E) -> None:
+    """v2-bad-health in two_phase: expand, the gate fails on a host, every host back on v1 (code), the
+    expanded schema kept with its contract pending; migrate.yml to v2 then finishes it."""
+    with e2e.load("migrate-v2-bad-health") as load:
+        run = e2e.migrate("v2-bad-health", check=False)
     record = e2e.run_record()
-    assert record["result"] == "rolled_back", record
+    print(f"\nmigrate v1->v2-bad-health two_phase: {run.seconds:.0f}s, load {load.summary['total']} requests,"
+          f" failures {failures(load)} (by kind {load.summary['failures_by_kind']}), missing {load.missing_orders};"
+          f" stages {stage_seconds(record)}")  # fmt: skip
+    assert run.rc != 0 and "failed at stage switch" in run.output
+    assert record["strategy"] == "two_phase" and record["result"] == "rolled_back", record
     assert record["failure"]["stage"] == "switch"
-    assert record["converge"]["mode"] in {"reverse", "restore"}
-    assert e2e.sql("SELECT count(*) FROM django_migrations WHERE app = 'catalog'") == "1"
+    assert record["converge"]["mode"] == "code"  # the database untouched
+    assert record["contract_pending"] is True and len(record["two_phase"]["deferred_pending"]) == 2
+    assert "Contract pending" in run.output
+    assert load.missing_orders == 0, load.verify_output
+    assert not any(status.startswith("5") for status in failures(load)), load.summary["failures_by_status"]
+    assert e2e.sql(column("products", "category")) == "YES"  # kept for v1, nullable (interim)
+    assert e2e.sql("SELECT count(*) FROM django_migrations WHERE app = 'catalog'") == "5"
     assert_back_on_v1(e2e)
+
+    with e2e.load("migrate-v2-finishes-contract") as load:
+        run = e2e.migrate("v2", log="migrate-v2-finishes-contract")
+    record = e2e.run_record()
+    print(f"migrate v1->v2 finishing the contract: {run.seconds:.0f}s, failures {failures(load)}, stages {stage_seconds(record)}")
+    assert record["result"] == "succeeded" and record["strategy"] == "two_phase", record.get("strategy_reason")
+    assert "finishes the contract run" in record["strategy_reason"]
+    assert record["contract_pending"] is False and len(record["two_phase"]["deferred_done"]) == 2
+    assert failures(load) == {} and load.missing_orders == 0, (load.summary["failures_by_status"], load.verify_output)
+    assert e2e.sql(column("products", "category")) == ""
+    assert e2e.sql(column("products", "category_id")) == "NO"
+
+    # The run owns the migrations of the run it finished: a rollback reverses them to v1's nodes.
+    run = e2e.rollback(log="rollback-after-finished-contract")
+    record = e2e.run_record()
+    assert record["converge"]["mode"] == "reverse", record["converge"]
+    assert_back_on_v1(e2e)
+    assert e2e.sql("SELECT max(name) FROM django_migrations WHERE app = 'catalog'") == "0001_initial"
 
 
 def test_unreachable_app_host_stops_the_run_before_any_change(e2e: E2E) -> None:
     migrations_before = e2e.sql("SELECT count(*) FROM django_migrations")
     last_run_before = e2e.run_record().get("run_id")
-    subprocess.run(["podman", "stop", "-t", "0", "djme2e-app1"], env=ENV, check=True, capture_output=True)
+    subprocess.run(["podman", "stop", "-t", "0", f"{FLEET}-app1"], env=ENV, check=True, capture_output=True)
     try:
         run = e2e.migrate("v2", check=False, log="migrate-app1-down")
     finally:
-        subprocess.run(["podman", "start", "djme2e-app1"], env=ENV, check=True, capture_output=True)
-        subprocess.run([str(REPO / ".venv/bin/python"), "scripts/fleet.py", "up", "--name", "djme2e", "--apps", "3",
+        subprocess.run(["podman", "start", f"{FLEET}-app1"], env=ENV, check=True, capture_output=True)
+        subprocess.run([str(REPO / ".venv/bin/python"), "scripts/fleet.py", "up", "--name", FLEET, "--apps", "3",
                         "--inventory", str(INVENTORY)], cwd=REPO, env=ENV, check=True, capture_output=True)  # fmt: skip
     assert run.rc != 0
     assert "UNREACHABLE" in run.output
