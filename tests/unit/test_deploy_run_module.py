@@ -349,3 +349,20 @@ def test_loads_as_an_ansible_module_through_the_library_path(state: State) -> No
     result = json.loads(proc.stdout)["plays"][0]["tasks"][0]["hosts"]["localhost"]
     assert result["failed"] is True and result["held"] is True
     assert result["lock"]["owner"] == "alice" and result["lock"]["run_id"] == "run-a"
+
+
+def test_a_run_that_changed_nothing_hands_the_last_run_pointer_back(state: State) -> None:
+    state.ok("start", "run-1", data={"to_release": "v2"})
+    state.ok("finish", "run-1", data={"result": "succeeded"})
+    noop = state.ok("start", "run-2", data={"to_release": "v2"})
+    assert noop["run"]["previous_run"] == "run-1"
+    assert (state.root / "last-run").read_text() == "run-2\n"  # while it runs, it is the last run
+    state.ok("finish", "run-2", data={"result": "unchanged", "changed_nothing": True})
+    assert (state.root / "last-run").read_text() == "run-1\n"
+    assert state.ok("read")["last_run"]["run_id"] == "run-1"
+    assert [r["run_id"] for r in state.history()] == ["run-1", "run-2"]
+    # A run that changed something keeps the pointer.
+    state.ok("start", "run-3", data={"to_release": "v3"})
+    state.ok("finish", "run-3", data={"result": "succeeded", "changed_nothing": False})
+    assert (state.root / "last-run").read_text() == "run-3\n"
+    assert state.json("runs/run-3.json")["previous_run"] == "run-1"

@@ -11,6 +11,10 @@ description:
     can never both hold it), one record per run (C(runs/<run_id>.json)), the pointer to the last run
     (C(last-run)) and the history (C(history.jsonl): the record as it was each time a run finished,
     or was finished again by a rollback).
+  - A new run's record names the run that was the last one before it (C(previous_run)). A run
+    finished with C(changed_nothing) true in its record (a plan-only run, a re-run with nothing to
+    do) hands the C(last-run) pointer back to that run, so a rollback undoes the run that changed
+    something.
   - Every failure path and rollback reads the run record instead of re-deriving backup and releases
     from links.
 options:
@@ -201,7 +205,11 @@ def main():
     if record is None:
         if action != "start":
             module.fail_json(msg=f"run {run_id} has no record in {runs}")
-        merged = merge_record({"run_id": run_id, "created": now()}, p["data"], p["stage"])
+        previous = (read_text(last_path) or "").strip()
+        first = {"run_id": run_id, "created": now()}
+        if ID_PATTERN.match(previous) and previous != run_id:
+            first["previous_run"] = previous
+        merged = merge_record(first, p["data"], p["stage"])
     else:
         merged = merge_record(record, p["data"], p["stage"])
     if action == "finish":
@@ -214,19 +222,28 @@ def main():
         merged["stages"] = stages
     record_changed = merged != record
     point_last = action == "start" and read_text(last_path) != run_id + "\n"
+    # A run that changed nothing gives the pointer back to the run before it.
+    point_back = (
+        action == "finish"
+        and merged.get("changed_nothing") is True
+        and ID_PATTERN.match(str(merged.get("previous_run", ""))) is not None
+        and read_text(last_path) == run_id + "\n"
+    )
     released = lock if action == "finish" and lock is not None and lock.get("run_id") == run_id else None
     if not module.check_mode:
         if record_changed:
             write_json_atomic(run_path, merged)
         if point_last:
             write_atomic(last_path, run_id + "\n")
+        if point_back:
+            write_atomic(last_path, merged["previous_run"] + "\n")
         if action == "finish" and record_changed:
             fd = os.open(history_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
             with os.fdopen(fd, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(merged, sort_keys=True) + "\n")
         if released is not None:
             os.unlink(lock_path)
-    module.exit_json(changed=record_changed or point_last or released is not None, run=merged, released=released)
+    module.exit_json(changed=record_changed or point_last or point_back or released is not None, run=merged, released=released)
 
 
 if __name__ == "__main__":
