@@ -62,6 +62,7 @@ def test_two_phase_v1_to_v2_under_load_fails_no_request_then_rollback(e2e: E2E) 
           f" stages {stage_seconds(record)}")  # fmt: skip
     print("  migrations (s): " + ", ".join(f"{m['migration']} {m['seconds']}" for m in two_phase["migrations"]))
     assert record["result"] == "succeeded" and record["strategy"] == "two_phase", record.get("strategy_reason")
+    assert "verify" in record["stages"] and "smoke checks passed" in run.output
     assert "maintenance" not in record
     assert failures(load) == {} and load.summary["failed"] == 0, load.summary["failures_by_status"]
     assert load.missing_orders == 0 and load.summary["orders_acknowledged"] > 0, load.verify_output
@@ -72,42 +73,51 @@ def test_two_phase_v1_to_v2_under_load_fails_no_request_then_rollback(e2e: E2E) 
     assert e2e.sql(column("products", "category_id")) == "NO"  # SET NOT NULL by contract
     assert set(e2e.serving().values()) == {"v2"} and e2e.lock() is None
 
+    # The same release again: nothing pending, nothing changed, and the last run stays the real one.
+    migrated = record["run_id"]
+    again = e2e.migrate("v2", log="migrate-v2-again")
+    assert "Nothing to do: every app host serves v2" in again.output
+    assert e2e.run_record()["run_id"] == migrated
+    assert set(e2e.serving().values()) == {"v2"} and e2e.lock() is None
+    print(f"migrate v2 again (unchanged): {again.seconds:.0f}s")
+
     with e2e.load("rollback-two-phase") as load:
         run = e2e.rollback(log="rollback-two-phase")
     record = e2e.run_record()
     print(f"rollback auto ({record['converge']['mode']}): {run.seconds:.0f}s, failures {failures(load)},"
           f" maintenance {record.get('maintenance', {}).get('seconds')}s")  # fmt: skip
     assert record["converge"]["mode"] == "reverse"  # contract done: a normal Django reverse
+    # Proven against the backup: the schema and django_migrations are v1's again, the orders kept.
+    validation = record["validation"]
+    assert validation["schema_equal"] is True and validation["migrations_equal"] is True, validation
+    assert any(t.startswith("public.orders ") for t in validation["tables_changed"]), validation
     assert set(failures(load)) <= {"503"}, load.summary["failures_by_status"]
     assert load.missing_orders == 0, load.verify_output
     assert_back_on_v1(e2e)
     assert e2e.sql("SELECT max(name) FROM django_migrations WHERE app = 'catalog'") == "0001_initial"
 
 
-def test_migrate_v1_to_v2_then_rollback_keeps_every_order(e2e: E2E) -> None:
-    """The maintenance strategy, forced: 503 with the page inside the window only, every order kept."""
-    with e2e.load("migrate-v2") as load:
-        run = e2e.migrate("v2", "-e", "migrate_strategy=maintenance")
+def test_maintenance_migrate_failing_its_smoke_check_is_reversed_and_proven_without_users_seeing_v2(e2e: E2E) -> None:
+    """Maintenance strategy, forced, with a smoke check only v1 passes: verify fails behind the window,
+    the run reverses its migrations there, proves the schema and django_migrations equal the backup's,
+    switches back and opens again; users see only 503 meanwhile, and every order is kept."""
+    v1_only = json.dumps({"project_smoke_checks": [{"path": "/healthz", "contains": '"release": "v1"'}]})
+    with e2e.load("migrate-v2-smoke-fails") as load:
+        run = e2e.migrate("v2", "-e", "migrate_strategy=maintenance", "-e", v1_only, check=False, log="migrate-v2-smoke-fails")
     record = e2e.run_record()
-    print(f"\nmigrate v1->v2: {run.seconds:.0f}s, strategy {record['strategy']}, load {load.summary['total']} requests,"
-          f" failures {failures(load)}, maintenance {record.get('maintenance', {}).get('seconds')}s")  # fmt: skip
-    assert record["result"] == "succeeded" and record["to_release"] == "v2" and record["strategy"] == "maintenance"
-    assert set(e2e.serving().values()) == {"v2"}
-    # Only the maintenance page may answer anything but success, and only inside the window.
-    assert set(failures(load)) <= {"503"}, load.summary["failures_by_status"]
-    assert load.missing_orders == 0, load.verify_output
-    assert e2e.lock() is None
-
-    with e2e.load("rollback-auto") as load:
-        run = e2e.rollback()
-    record = e2e.run_record()
-    print(f"rollback auto ({record['converge']['mode']}): {run.seconds:.0f}s, failures {failures(load)},"
-          f" maintenance {record.get('maintenance', {}).get('seconds')}s")  # fmt: skip
-    assert record["converge"]["mode"] == "reverse"  # v2's migrations are all reversible: orders kept
+    print(f"\nmigrate v1->v2 (maintenance, smoke fails): {run.seconds:.0f}s, load {load.summary['total']} requests,"
+          f" failures {failures(load)}, maintenance {record.get('maintenance', {}).get('seconds')}s,"
+          f" stages {stage_seconds(record)}, validation {record.get('validation')}")  # fmt: skip
+    assert run.rc != 0 and "failed at stage verify" in run.output, run.failed_line
+    assert "body lacks" in run.output and "Undone by reverse" in run.output
+    assert record["result"] == "rolled_back" and record["strategy"] == "maintenance"
+    assert record["converge"]["mode"] == "reverse"
+    validation = record["validation"]
+    assert validation["schema_equal"] is True and validation["migrations_equal"] is True, validation
+    # Only the maintenance page may answer anything but success: no user reached v2.
     assert set(failures(load)) <= {"503"}, load.summary["failures_by_status"]
     assert load.missing_orders == 0, load.verify_output
     assert_back_on_v1(e2e)
-    # catalog is back at its v1 node, and the orders placed while v2 served are still there.
     assert e2e.sql("SELECT max(name) FROM django_migrations WHERE app = 'catalog'") == "0001_initial"
 
     again = e2e.rollback(log="rollback-again")
