@@ -162,6 +162,23 @@ def test_two_phase_failed_health_gate_switches_back_and_the_next_run_finishes_th
     assert e2e.sql("SELECT count(*) FROM django_migrations WHERE app = 'catalog'") == "5"
     assert_back_on_v1(e2e)
 
+    # Expand now, contract later: v2 switched in with its contract still pending; the schema serves
+    # both releases, so rollback.yml goes back by switching alone (code), under load, and fails nothing.
+    with e2e.load("migrate-v2-contract-later") as load:
+        run = e2e.migrate("v2", "--skip-tags", "contract", log="migrate-v2-contract-later")
+    record = e2e.run_record()
+    assert record["result"] == "succeeded" and record["contract_pending"] is True, record
+    assert set(e2e.serving().values()) == {"v2"}
+    assert failures(load) == {} and load.missing_orders == 0, (load.summary["failures_by_status"], load.verify_output)
+    with e2e.load("rollback-code") as load:
+        run = e2e.rollback(log="rollback-code")
+    record = e2e.run_record()
+    print(f"rollback code (3 app hosts): {run.seconds:.0f}s, load {load.summary['total']} requests,"
+          f" failures {failures(load)}, stages {stage_seconds(record)}")  # fmt: skip
+    assert record["converge"]["mode"] == "code" and record["contract_pending"] is True, record["converge"]
+    assert failures(load) == {} and load.missing_orders == 0, (load.summary["failures_by_status"], load.verify_output)
+    assert_back_on_v1(e2e)
+
     with e2e.load("migrate-v2-finishes-contract") as load:
         run = e2e.migrate("v2", log="migrate-v2-finishes-contract")
     record = e2e.run_record()
