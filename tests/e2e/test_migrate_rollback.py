@@ -281,8 +281,14 @@ def test_rollback_modes_refuse_what_would_break_or_lose_and_restore_keeps_the_re
     acknowledged = [order for order in acknowledged if order is not None]
     assert acknowledged, "the load placed no order before the window"
 
+    # What a restore cut during its swap leaves (controller killed): the live database closed to
+    # connections and a scratch copy. rollback.yml repairs both before it restores.
+    e2e.ssh("db1", "sudo -u postgres psql -X -q -c 'ALTER DATABASE acme WITH ALLOW_CONNECTIONS false'"
+                   " -c 'CREATE DATABASE acme__restore_20260101T000000Z'")  # fmt: skip
+
     # restore, discarding those writes on purpose: they stay in the replaced database.
     accepted = e2e.rollback("-e", "rollback_mode=restore", "-e", "rollback_accept_data_loss=true", log="rollback-restore")
+    assert "re-allowed connections to acme" in accepted.output and "dropped acme__restore_20260101T000000Z" in accepted.output
     record = e2e.run_record()
     failed_db = record["restored"]["failed_db"]
     print(f"\nrollback restore: {accepted.seconds:.0f}s, maintenance {record['maintenance'].get('seconds')}s,"
