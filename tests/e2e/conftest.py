@@ -44,6 +44,8 @@ ENV = {
     "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
     "ANSIBLE_FORCE_COLOR": "0",
     "ANSIBLE_NOCOLOR": "1",
+    # Each task's start time and duration in the logs under build/e2e/ (where a run spends its time).
+    "ANSIBLE_CALLBACKS_ENABLED": "ansible.posix.profile_tasks",
 }
 
 
