@@ -1,0 +1,107 @@
+"""The root scenario's proof: every host of the fleet (testinfra over `podman exec`) and the load results.
+
+After converge (migrate.yml to v2 under load), idempotence (the same again: unchanged) and side_effect
+(rollback.yml under load), the fleet must be back on v1 with both releases prepared, every server UP
+behind a closed maintenance window, the backup the run took verified and kept, the run records telling
+what happened, the database proven against that backup, and the load without a failed request or a
+lost order. The fixture's project is `acme` (inventories/local/group_vars/all/project.yml).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+LOGS = REPO / "build" / "molecule-root"
+STATE = "/var/lib/djm/acme"
+PYTHON = "3.11.2"
+
+
+def role(host: Any) -> str:
+    """lb, app or db, from the container's name (<fleet>-lb1, <fleet>-app2, ...)."""
+    return host.backend.get_hostname().rsplit("-", 1)[1].rstrip("0123456789")
+
+
+def only(host: Any, wanted: str) -> None:
+    if role(host) != wanted:
+        pytest.skip(f"a check of the {wanted} hosts")
+
+
+def history(host: Any) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in host.file(f"{STATE}/history.jsonl").content_string.splitlines() if line.strip()]
+
+
+def loads(name: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(summary, order lookup) of each run of `name`, oldest first."""
+    runs = []
+    for summary in sorted(LOGS.glob(f"load-*-{name}.json")):
+        verify = LOGS / summary.name.replace("load-", "verify-", 1)
+        runs.append((json.loads(summary.read_text()), json.loads(verify.read_text())))
+    return runs
+
+
+def test_app_hosts_serve_v1_again_with_v2_and_its_python_prepared(host: Any) -> None:
+    only(host, "app")
+    assert host.file("/srv/acme/current").linked_to == "/srv/acme/releases/v1"
+    service = host.service("acme")
+    assert service.is_running and service.is_enabled
+    main_pid = host.check_output("systemctl show -p MainPID --value acme")
+    assert host.check_output(f"readlink /proc/{main_pid}/cwd") == "/srv/acme/releases/v1"
+    # v2 stays prepared beside v1, on the CPython the run installed beside the system python3.
+    version = "import platform; print(platform.python_version())"
+    assert host.check_output(f"/opt/python/{PYTHON}/bin/python3.11 -c '{version}'") == PYTHON
+    assert host.check_output("/srv/acme/releases/v2/venv/bin/python -c 'import sys; print(sys.version.split()[0])'") == PYTHON
+    assert host.check_output("/srv/acme/releases/v1/venv/bin/python -c 'import sys; print(sys.version_info[:2])'") == "(3, 9)"
+
+
+def test_load_balancer_has_every_app_host_up_and_the_window_closed(host: Any) -> None:
+    only(host, "lb")
+    assert host.service("haproxy").is_running
+    stat = host.check_output("echo 'show stat' | socat -t 5 stdio unix-connect:/run/haproxy/admin.sock")
+    servers = {fields[1]: fields[17] for fields in (line.split(",") for line in stat.splitlines()) if fields[0] == "acme_app"}
+    servers.pop("BACKEND", None)
+    assert servers == {"app1": "UP", "app2": "UP", "app3": "UP"}, servers
+    assert host.file("/etc/haproxy/acme-maintenance.map").content_string.split() == ["state", "off"]
+
+
+def test_db_keeps_the_verified_backup_of_the_run_and_its_history(host: Any) -> None:
+    only(host, "db")
+    results = [(r["playbook"], r["result"]) for r in history(host)]
+    # migrate (two_phase, no 503), migrate again (nothing to do), then that first run undone.
+    assert results == [("migrate", "succeeded"), ("migrate", "unchanged"), ("migrate", "rolled_back")], results
+    migrate, unchanged, undone = history(host)
+    assert migrate["strategy"] == "two_phase" and migrate["contract_pending"] is False
+    assert unchanged["previous_run"] == migrate["run_id"] and "backup_id" not in unchanged
+    assert undone["run_id"] == migrate["run_id"] and undone["converge"]["mode"] == "reverse"
+    validation = undone["validation"]
+    assert validation["schema_equal"] is True and validation["migrations_equal"] is True, validation
+    assert not host.file(f"{STATE}/lock.json").exists
+    assert host.file(f"{STATE}/last-run").content_string.strip() == migrate["run_id"]
+
+    backups = json.loads(host.check_output(
+        "/opt/pg-tools/venv/bin/python /opt/pg-tools/venv/bin/pg_backup_store.py list --backup-dir /var/backups/postgresql"
+    ))  # fmt: skip
+    states = {b["id"]: b["state"] for b in backups["backups"]}
+    assert states.get(migrate["backup_id"]) == "verified", states
+    backup_dir = host.file(f"/var/backups/postgresql/{migrate['backup_id']}")
+    assert backup_dir.is_directory and backup_dir.user == "postgres" and backup_dir.mode & 0o077 == 0
+    assert host.file(f"/var/backups/postgresql/{migrate['backup_id']}/manifest.json").mode & 0o077 == 0
+
+
+def test_the_migrate_failed_no_request_and_lost_no_order() -> None:
+    runs = loads("migrate-v2")
+    assert len(runs) == 2  # converge, then idempotence
+    for summary, verify in runs:
+        assert summary["failed"] == 0 and summary["total"] > 0, summary["failures_by_status"]
+        assert verify["missing"] == [], verify
+    assert runs[0][0]["orders_acknowledged"] > 0
+
+
+def test_the_rollback_answered_only_the_maintenance_page_and_lost_no_order() -> None:
+    ((summary, verify),) = loads("rollback")
+    assert set(summary["failures_by_status"]) <= {"503"}, summary["failures_by_status"]
+    assert verify["missing"] == [], verify
