@@ -11,7 +11,7 @@ export ANSIBLE_CONFIG  := $(CURDIR)/ansible.cfg
 export ANSIBLE_FORCE_COLOR ?= 0
 export PY_COLORS ?= 0
 
-.PHONY: help setup images fleet-up fleet-down fleet-status lint test-unit test-fast test-molecule test-fleet test-e2e test demo clean
+.PHONY: help setup images fleet-up fleet-down fleet-status lint test-unit test-fast test-molecule test-fleet test-root test-e2e test demo clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -47,12 +47,15 @@ test-molecule: images ## Every role's Molecule scenario, two at a time (MOLECULE
 test-fleet: images ## End-to-end tests on the local SSH fleet
 	pytest -q tests/fleet
 
+test-root: images ## `molecule test` at the root: migrate.yml and rollback.yml under load on a multi-host fleet, testinfra on every host
+	molecule test
+
 test-e2e: images ## migrate.yml and rollback.yml end to end on one shared fleet, under load and on every failure path
 	pytest -q -s -p no:cacheprovider tests/e2e
 
 test: setup ## Everything CI runs: set-up (idempotent), lint, unit, every Molecule scenario, the fleet and end-to-end tests
 	@t0=$$(date +%s); rc=0; \
-	for tier in test-fast test-molecule test-fleet test-e2e; do \
+	for tier in test-fast test-molecule test-fleet test-root test-e2e; do \
 	  t=$$(date +%s); $(MAKE) $$tier || rc=$$?; \
 	  echo "=== $$tier: $$(( $$(date +%s) - t ))s (exit $$rc)"; [ $$rc -eq 0 ] || break; \
 	done; \

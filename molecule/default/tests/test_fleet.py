@@ -74,12 +74,23 @@ def test_db_keeps_the_verified_backup_of_the_run_and_its_history(host: Any) -> N
     # migrate (two_phase, no 503), migrate again (nothing to do), then that first run undone.
     assert results == [("migrate", "succeeded"), ("migrate", "unchanged"), ("migrate", "rolled_back")], results
     migrate, unchanged, undone = history(host)
-    assert migrate["strategy"] == "two_phase" and migrate["contract_pending"] is False
+    # v2 drops products.category and makes category_id NOT NULL: two_phase, both deferred to contract.
+    assert migrate["strategy"] == "two_phase" and migrate["contract_pending"] is False, migrate.get("strategy_reason")
+    two_phase = migrate["two_phase"]
+    assert len(two_phase["deferred_done"]) == 2 and two_phase["deferred_pending"] == []
+    assert two_phase["contract"]["status"] == "done" and "verify" in migrate["stages"]
+    assert {m["migration"] for m in two_phase["migrations"]} == set(migrate["applied"])
     assert unchanged["previous_run"] == migrate["run_id"] and "backup_id" not in unchanged
     assert undone["run_id"] == migrate["run_id"] and undone["converge"]["mode"] == "reverse"
     validation = undone["validation"]
     assert validation["schema_equal"] is True and validation["migrations_equal"] is True, validation
     assert not host.file(f"{STATE}/lock.json").exists
+    # Reversed: v1's schema again, the orders placed meanwhile kept (listed as changed since the backup).
+    assert any(t.startswith("public.orders ") for t in validation["tables_changed"]), validation
+    psql = "sudo -u postgres psql -X -At -d acme -c"
+    assert host.check_output(f"{psql} \"SELECT max(name) FROM django_migrations WHERE app = 'catalog'\"") == "0001_initial"
+    category = "SELECT count(*) FROM information_schema.columns WHERE table_name = 'products' AND column_name = 'category'"
+    assert host.check_output(f'{psql} "{category}"') == "1"
     assert host.file(f"{STATE}/last-run").content_string.strip() == migrate["run_id"]
 
     backups = json.loads(host.check_output(
