@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import shlex
 import signal
 import subprocess
 import time
@@ -299,3 +300,34 @@ def test_rollback_modes_refuse_what_would_break_or_lose_and_restore_keeps_the_re
     assert int(kept) == len(acknowledged)
     assert e2e.backup_matches_live(record["backup_id"])
     assert_back_on_v1(e2e)
+
+
+def test_a_lock_held_on_products_trips_the_lock_timeout_and_the_run_goes_back_without_blocking_the_site(e2e: E2E) -> None:
+    """A long transaction holds products: expand's ALTER TABLE waits lock_timeout (2 s here), retries,
+    then the run fails cleanly and switches back; the site is never blocked longer than the timeout
+    (a request blocked longer would time out in the load generator, whose limit is 5 s)."""
+    blocker = subprocess.Popen(shlex.split(e2e.psql_cmd()), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, text=True, env=ENV)  # fmt: skip
+    assert blocker.stdin is not None
+    blocker.stdin.write("BEGIN; SELECT count(*) FROM products; SELECT pg_sleep(1800);\n")
+    blocker.stdin.flush()
+    try:
+        time.sleep(2)
+        with e2e.load("migrate-v2-lock-timeout") as load:
+            run = e2e.migrate("v2", "-e", "django_release_two_phase_lock_timeout=2s", "-e", "django_release_two_phase_retries=2",
+                              check=False, log="migrate-v2-lock-timeout")  # fmt: skip
+    finally:
+        e2e.sql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE query LIKE '%pg_sleep(1800)%' AND pid <> pg_backend_pid()")  # fmt: skip
+        blocker.kill()
+        blocker.wait()
+    record = e2e.run_record()
+    checkout = load.summary["by_kind"].get("checkout", {}).get("latency_ms", {})
+    print(f"\nmigrate v2 with products locked: {run.seconds:.0f}s, failures {failures(load)}, checkout latency ms {checkout},"
+          f" two_phase {record.get('two_phase', {}).get('migrations')}")  # fmt: skip
+    assert run.rc != 0 and "failed at stage migrate" in run.output, run.failed_line
+    assert "lock" in run.failed_line, run.failed_line
+    assert record["result"] == "rolled_back" and record["converge"]["mode"] == "code", record.get("converge")
+    assert failures(load) == {} and load.missing_orders == 0, (load.summary["failures_by_status"], load.verify_output)
+    assert_back_on_v1(e2e)
+    assert e2e.sql("SELECT max(name) FROM django_migrations WHERE app = 'catalog'") == "0001_initial"
