@@ -135,7 +135,7 @@ def refusal_message(database: str, backup_id: str, text: str, report: str) -> st
     return (
         f"the live database {database} changed after backup {backup_id} was taken; restoring would discard these "
         f"writes:\n{text}Report: {report}\nBlock writes (maintenance mode) and set pg_restore_writes_blocked: true, "
-        "or set pg_restore_accept_data_loss: true to discard them."
+        "or set pg_restore_export_dir to keep them in files first, or pg_restore_accept_data_loss: true to discard them."
     )
 
 
