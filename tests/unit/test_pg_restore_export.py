@@ -169,7 +169,7 @@ def test_export_holds_every_row_that_differs_per_table(pg_cluster: Any, scene: d
         assert sorted(int(r["id"]) for r in csv.DictReader(f)) == [3, *range(198, ORDERS + 1, 200)]
     manifest = json.loads((out / "export.json").read_text())
     assert manifest["backup_id"] == BACKUP_ID and manifest["tables"]["app.orders"]["inserted"] == 3
-    assert (out / "apply.sql").is_file()
+    assert (out / "apply.sql").is_file() and not list(out.glob(".*"))
 
 
 def test_swap_refuses_when_anything_was_written_after_the_export(pg_cluster: Any, scene: dict[str, Any]) -> None:
@@ -196,9 +196,10 @@ def test_swap_restores_the_backup_and_keeps_the_export(pg_cluster: Any, scene: d
 def test_the_export_reapplies_with_psql_and_gives_back_the_live_rows(pg_cluster: Any, scene: dict[str, Any]) -> None:
     copy = f"{DB}_psql"
     execute(scene["admin"], f'DROP DATABASE IF EXISTS "{copy}"', f'CREATE DATABASE "{copy}" TEMPLATE "{DB}"')
-    proc = subprocess.run([str(pg_cluster.bindir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d",
-                           pg_cluster.dsn(copy), "-f", "apply.sql"], cwd=scene["export"], capture_output=True, text=True,
-                          check=False)  # fmt: skip
+    # self-contained: psql reads the script on stdin, from another directory, and nothing else
+    with (scene["export"] / "apply.sql").open() as script:
+        proc = subprocess.run([str(pg_cluster.bindir / "psql"), "-X", "-q", "-d", pg_cluster.dsn(copy)], stdin=script,
+                              cwd="/", capture_output=True, text=True, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for table in ("app.customers", "app.orders", "app.order_tags"):
         assert rows(pg_cluster.dsn(copy), table) == scene["live_rows"][table], table

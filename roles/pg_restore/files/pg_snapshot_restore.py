@@ -326,10 +326,11 @@ def _csv_records(path: Path) -> int:
         return max(sum(1 for _ in csv.reader(handle)) - 1, 0)  # minus the header
 
 
-def _copy_out(conn: psycopg.Connection[Any], query: sql.Composable, path: Path) -> None:
+def _copy_out(conn: psycopg.Connection[Any], query: sql.Composable, path: Path, form: str = "csv") -> None:
+    options = sql.SQL("WITH (FORMAT csv, HEADER true)" if form == "csv" else "")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle, conn.cursor().copy(
-        sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT csv, HEADER true)").format(query)
+        sql.SQL("COPY ({}) TO STDOUT {}").format(query, options)
     ) as copy:
         for chunk in copy:
             handle.write(chunk)
@@ -414,6 +415,8 @@ def export_table(live: psycopg.Connection[Any], scratch: psycopg.Connection[Any]
         if written != count:
             raise store.BackupError(f"export of {name}: {file_name} holds {written} rows, {count} expected")
         entry["files"][kind] = file_name
+        if kind != "removed":  # the same rows in COPY's text format, inlined into apply.sql (then removed)
+            _copy_out(scratch, query, out / f".{file_name}.copy", "text")
     for tmp in (live_tmp, rows_tmp, del_tmp):
         scratch.execute(sql.SQL("DROP TABLE {}").format(tmp))
     entry["apply"] = apply_statements(scratch, entry, index)
@@ -464,8 +467,29 @@ def advance_sequences(live: psycopg.Connection[Any], scratch: psycopg.Connection
     return advanced
 
 
+def write_apply_script(manifest: dict[str, Any], out: Path) -> None:
+    """apply.sql: the export re-applied with psql in one transaction, the rows inlined (COPY ... FROM STDIN, as
+    pg_dump writes them), so that psql needs to read nothing but the script, from wherever it runs."""
+    lines = render_apply_script(manifest).splitlines(keepends=True)
+    fd = os.open(out / APPLY_SCRIPT, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        for line in lines:
+            if not line.startswith("\\copy "):
+                handle.write(line.encode())
+                continue
+            target, source = line[len("\\copy "):].split(" FROM '", 1)
+            data = out / f".{source.split(chr(39), 1)[0]}.copy"
+            handle.write(f"COPY {target} FROM STDIN;\n".encode())
+            with data.open("rb") as rows:
+                shutil.copyfileobj(rows, handle)
+            handle.write(b"\\.\n")
+            data.unlink()
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def render_apply_script(manifest: dict[str, Any]) -> str:
-    """apply.sql: the export re-applied with psql, from the export's directory, in one transaction."""
+    """The statements of apply.sql, with a psql \\copy line where the rows of a file go."""
     tables = manifest["tables"]
     order = manifest["apply_order"]
     lines = [
@@ -474,8 +498,8 @@ def render_apply_script(manifest: dict[str, Any]) -> str:
         "-- Inserted and updated rows are upserted by primary key (the columns the live and the backed-up table had in",
         "-- common), deleted rows deleted again; a table without a primary key gets its added rows inserted, and its",
         "-- removed rows are only listed (*.removed.csv). One transaction: all or nothing. Review before running:",
-        "-- rows a failed migration rewrote are rows that differ too. From this directory, as a user who can read it:",
-        f"--   psql -X -v ON_ERROR_STOP=1 -d {manifest['database']} -f {APPLY_SCRIPT}",
+        "-- rows a failed migration rewrote are rows that differ too. The rows are inlined; on the database host:",
+        f"--   sudo sh -c 'cd / && runuser -u postgres -- psql -X -d {manifest['database']} < <this directory>/{APPLY_SCRIPT}'",
         "\\set ON_ERROR_STOP on",
         "BEGIN;",
         "SET CONSTRAINTS ALL DEFERRED;",
@@ -541,9 +565,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
         "rows": sum(t["inserted"] + t["updated"] + t["deleted"] for t in tables.values()),
         "sequences_advanced": sequences, "live_fingerprint": fingerprint, "verified": True,
     }
-    fd = os.open(partial / APPLY_SCRIPT, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(render_apply_script(manifest))
+    write_apply_script(manifest, partial)
     store.write_json(partial / EXPORT_MANIFEST, manifest)
     if out.exists():  # an earlier export for this restore is kept beside the new one, never overwritten
         out.rename(out.with_name(f"{out.name}.replaced-{store.stamp(store.utcnow())}"))
