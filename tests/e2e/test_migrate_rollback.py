@@ -6,7 +6,9 @@ matters only for speed: the first test pays for the Python 3.11 distribution onc
 
 from __future__ import annotations
 
+import csv
 import datetime
+import io
 import json
 import signal
 import subprocess
@@ -273,7 +275,7 @@ def test_forced_rolling_run_failing_half_way_exports_users_writes_then_restores(
     database while the non-atomic data migration rewrites half of the payments and fails. The undo opens the
     window at once, exports every row written since the backup into the run's directory, restores, serves v1;
     every acknowledged order is in the restored database or in the export, and the export re-applies."""
-    with e2e.load("rolling-bad-migration", rate=10) as load:
+    with e2e.load("rolling-bad-migration", rate=10, max_seconds=1800) as load:
         run = e2e.migrate("v2-bad-migration", "-e", "migrate_strategy=rolling", check=False, log="migrate-rolling-bad")
     record = e2e.run_record()
     export = record.get("restored", {}).get("export") or {}
@@ -301,7 +303,7 @@ def test_forced_rolling_run_failing_half_way_exports_users_writes_then_restores(
     if missing:
         orders = manifest["tables"]["public.orders"]
         rows_csv = e2e.ssh("db1", f"sudo cat {run_dir}/{orders['files']['rows']}")
-        exported = {int(line.split(",", 1)[0]) for line in rows_csv.splitlines()[1:] if line[:1].isdigit()}
+        exported = {int(row["id"]) for row in csv.DictReader(io.StringIO(rows_csv))}
     assert set(missing) <= exported, sorted(set(missing) - exported)
 
     # The export re-applies onto the restored database (orders placed since the restore keep their ids:

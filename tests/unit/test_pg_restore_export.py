@@ -34,6 +34,7 @@ COMPARED = {
     "app.orders": "id, customer_id, amount, placed::text, payload::text, note",
     "app.order_tags": "order_id, tag",
     "app.events": "kind, body::text",
+    "app.products": "id, name, stock",
 }
 
 
@@ -81,6 +82,9 @@ def scene(pg_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str
         "INSERT INTO app.order_tags SELECT g, 'gift' FROM generate_series(1, 50) g",
         "CREATE TABLE app.events (kind text, body jsonb)",  # no primary key
         "INSERT INTO app.events SELECT 'seen', jsonb_build_object('n', g) FROM generate_series(1, 20) g",
+        # the run drops a NOT NULL column: re-applied updates must keep the backup's value, not insert a NULL
+        "CREATE TABLE app.products (id int PRIMARY KEY, name text NOT NULL, category text NOT NULL, stock int)",
+        "INSERT INTO app.products SELECT g, 'product ' || g, 'cat ' || g % 3, 100 FROM generate_series(1, 20) g",
         "CREATE TABLE app.untouched (id int PRIMARY KEY)",
         "INSERT INTO app.untouched SELECT generate_series(1, 10)",
         "CREATE TABLE public.django_migrations (id serial PRIMARY KEY, app varchar(255), name varchar(255), applied timestamptz)",
@@ -97,6 +101,7 @@ def scene(pg_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str
         # the failed run: schema changes, a half-done data migration, its migration row
         "ALTER TABLE app.orders ADD COLUMN status text DEFAULT 'new'",
         "ALTER TABLE app.customers DROP COLUMN email",
+        "ALTER TABLE app.products DROP COLUMN category",
         "CREATE TABLE app.refunds (id serial PRIMARY KEY, order_id bigint)",
         "INSERT INTO app.refunds (order_id) VALUES (1), (2)",
         "UPDATE app.orders SET amount = amount * 2 WHERE id <= 10",
@@ -115,6 +120,7 @@ def scene(pg_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str
         "DELETE FROM app.orders WHERE customer_id = 199",
         "DELETE FROM app.customers WHERE id = 199",
         "INSERT INTO app.events VALUES ('seen', '{\"n\": 21}'), ('seen', '{\"n\": 1}')",
+        "UPDATE app.products SET stock = stock - 1 WHERE id IN (2, 4)",
     )
     restored = run("restore", "--backup-dir", str(backups), "--dsn", dsn, "--bin-dir", str(pg_cluster.bindir),
                    "--database", DB, "--id", BACKUP_ID)["restored_db"]  # fmt: skip
@@ -151,6 +157,7 @@ def test_export_holds_every_row_that_differs_per_table(pg_cluster: Any, scene: d
     assert "app.untouched" not in tables
     assert tables["app.orders"]["columns_only_live"] == ["status"]
     assert tables["app.customers"]["columns_only_backup"] == ["email"]
+    assert tables["app.products"]["updated"] == 2 and tables["app.products"]["columns_only_backup"] == ["category"]
     # a table the run created cannot go back into the backup's schema: named, not exported
     assert "app.refunds" in result["skipped"]
     # the run's own migration rows are excluded on request: the restored schema is the old one
@@ -201,7 +208,7 @@ def test_the_export_reapplies_with_psql_and_gives_back_the_live_rows(pg_cluster:
         proc = subprocess.run([str(pg_cluster.bindir / "psql"), "-X", "-q", "-d", pg_cluster.dsn(copy)], stdin=script,
                               cwd="/", capture_output=True, text=True, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for table in ("app.customers", "app.orders", "app.order_tags"):
+    for table in ("app.customers", "app.orders", "app.order_tags", "app.products"):
         assert rows(pg_cluster.dsn(copy), table) == scene["live_rows"][table], table
     events = rows(pg_cluster.dsn(copy), "app.events")
     assert len(events) == len(scene["live_rows"]["app.events"])  # inserted only: removals are listed, not applied
@@ -211,8 +218,9 @@ def test_the_export_reapplies_with_psql_and_gives_back_the_live_rows(pg_cluster:
 def test_the_export_reapplies_with_the_program_and_gives_back_the_live_rows(pg_cluster: Any, scene: dict[str, Any]) -> None:
     applied = run("apply-export", "--dsn", scene["dsn"], "--database", DB, "--export-dir", str(scene["export"]))
     assert applied["changed"] and applied["rows"] == json.loads((scene["export"] / "export.json").read_text())["rows"]
-    for table in ("app.customers", "app.orders", "app.order_tags"):
+    for table in ("app.customers", "app.orders", "app.order_tags", "app.products"):
         assert rows(scene["dsn"], table) == scene["live_rows"][table], table
+    assert scalar(scene["dsn"], "SELECT category FROM app.products WHERE id = 4") == "cat 1"
     # the backup's value stays where the live table no longer had the column
     assert scalar(scene["dsn"], "SELECT email FROM app.customers WHERE id = 7") == "c7@x.test"
     assert scalar(scene["dsn"], "SELECT count(*) FROM public.django_migrations") == 1
