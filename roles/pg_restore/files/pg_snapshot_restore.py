@@ -434,16 +434,17 @@ def apply_statements(conn: psycopg.Connection[Any], entry: dict[str, Any], index
         statements["load_rows"] = sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {} FROM ONLY {} WITH NO DATA").format(
             rows_tmp, cols, ident)
         statements["copy_rows"] = sql.SQL("{} ({})").format(rows_tmp, cols)
-        if not key:
-            conflict = sql.SQL("")
-        elif set(columns) == set(key):
-            conflict = sql.SQL(" ON CONFLICT ({}) DO NOTHING").format(sql.SQL(", ").join(map(sql.Identifier, key)))
-        else:
-            conflict = sql.SQL(" ON CONFLICT ({}) DO UPDATE SET {}").format(
-                sql.SQL(", ").join(map(sql.Identifier, key)),
-                sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in columns if c not in key))
-        statements["upsert"] = sql.SQL("INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {}{}").format(
-            ident, cols, cols, rows_tmp, conflict)
+        # Existing rows are updated and new ones inserted, in two statements: an INSERT ... ON CONFLICT would check
+        # the NOT NULL of a column the live table no longer had (the backup's value stays) before the conflict.
+        others = [c for c in columns if c not in key]
+        same_key = sql.SQL(" AND ").join(sql.SQL("t.{0} = r.{0}").format(sql.Identifier(c)) for c in key)
+        if key and others:
+            statements["update"] = sql.SQL("UPDATE ONLY {} t SET {} FROM {} r WHERE {}").format(
+                ident, sql.SQL(", ").join(sql.SQL("{0} = r.{0}").format(sql.Identifier(c)) for c in others), rows_tmp,
+                same_key)
+        new_only = sql.SQL(" WHERE NOT EXISTS (SELECT 1 FROM ONLY {} t WHERE {})").format(ident, same_key) if key else sql.SQL("")
+        statements["insert"] = sql.SQL("INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {} r{}").format(
+            ident, cols, sql.SQL(", ").join(sql.SQL("r.{}").format(sql.Identifier(c)) for c in columns), rows_tmp, new_only)
     if "deleted" in entry["files"]:
         kcols = sql.SQL(", ").join(map(sql.Identifier, key))
         statements["load_deleted"] = sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {} FROM ONLY {} WITH NO DATA").format(
@@ -495,9 +496,10 @@ def render_apply_script(manifest: dict[str, Any]) -> str:
     lines = [
         f"-- Rows of {manifest['database']} that differed from backup {manifest['backup_id']} when it was restored",
         f"-- (exported {manifest['exported_at']}, {manifest['rows']} rows in {len(tables)} tables; export.json has the details).",
-        "-- Inserted and updated rows are upserted by primary key (the columns the live and the backed-up table had in",
-        "-- common), deleted rows deleted again; a table without a primary key gets its added rows inserted, and its",
-        "-- removed rows are only listed (*.removed.csv). One transaction: all or nothing. Review before running:",
+        "-- Updated rows are updated and inserted rows inserted, by primary key (the columns the live and the backed-up",
+        "-- table had in common; a column only the backup has keeps its value), deleted rows deleted again; a table",
+        "-- without a primary key gets its added rows inserted, its removed rows are only listed (*.removed.csv).",
+        "-- One transaction: all or nothing. Review before running:",
         "-- rows a failed migration rewrote are rows that differ too. The rows are inlined; on the database host:",
         f"--   sudo sh -c 'cd / && runuser -u postgres -- psql -X -d {manifest['database']} < <this directory>/{APPLY_SCRIPT}'",
         "\\set ON_ERROR_STOP on",
@@ -512,7 +514,8 @@ def render_apply_script(manifest: dict[str, Any]) -> str:
                 target, source = entry["apply"][f"copy_{kind}"], entry["files"][kind]
                 lines.append(f"\\copy {target} FROM '{source}' WITH (FORMAT csv, HEADER true)")
     lines += [tables[name]["apply"]["delete"] + ";" for name in reversed(order) if "delete" in tables[name]["apply"]]
-    lines += [tables[name]["apply"]["upsert"] + ";" for name in order if "upsert" in tables[name]["apply"]]
+    for name in order:
+        lines += [tables[name]["apply"][step] + ";" for step in ("update", "insert") if step in tables[name]["apply"]]
     lines.append("COMMIT;")
     return "\n".join(lines) + "\n"
 
@@ -625,8 +628,9 @@ def cmd_apply_export(args: argparse.Namespace) -> dict[str, Any]:
             if "delete" in tables[name]["apply"]:
                 conn.execute(tables[name]["apply"]["delete"])
         for name in order:
-            if "upsert" in tables[name]["apply"]:
-                conn.execute(tables[name]["apply"]["upsert"])
+            for step in ("update", "insert"):
+                if step in tables[name]["apply"]:
+                    conn.execute(tables[name]["apply"][step])
         conn.commit()
     not_applied = sum(t["deleted"] for t in tables.values() if not t["primary_key"])
     return {"changed": True, "database": args.database, "export_dir": str(out), "rows": manifest["rows"] - not_applied,
