@@ -99,3 +99,11 @@ def test_release_source_is_required(tmp_path: Path) -> None:
     result = run_validate(tmp_path, inventory(FULL, dict(GOOD_VARS, project_release_artifact="")))
     assert result.returncode != 0
     assert "Set project_release_artifact" in result.stdout
+
+
+@pytest.mark.parametrize("name", ["migrate_on_unsafe_restore", "rollback_on_unsafe_restore"])
+def test_what_to_do_with_writes_a_restore_would_discard_is_export_or_stop(tmp_path: Path, name: str) -> None:
+    assert run_validate(tmp_path, inventory(FULL, dict(GOOD_VARS, **{name: "stop"}))).returncode == 0
+    result = run_validate(tmp_path, inventory(FULL, dict(GOOD_VARS, **{name: "discard"})))
+    assert result.returncode != 0
+    assert f"{name} ('discard')" in result.stdout and "must be export or stop" in result.stdout
