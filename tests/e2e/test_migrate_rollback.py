@@ -309,7 +309,6 @@ def test_forced_rolling_run_failing_half_way_exports_users_writes_then_restores(
         # The atomic data migration before the non-atomic one lost a deadlock with a checkout (it locks
         # products SHARE ROW EXCLUSIVE, then updates them) and rolled back whole: nothing half-applied,
         # so the rule reverses, writes kept, and there is nothing to export.
-        assert "deadlock" in run.output.lower(), run.failed_line
         assert load.missing_orders == 0, load.verify_output
         assert_back_on_v1(e2e)
         return
