@@ -160,7 +160,13 @@ apt-get clean
 rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/cache/debconf/*-old /var/lib/dpkg/*-old
 rm -rf /tmp/* /var/tmp/* /root/.cache
 find /var/log -type f -exec truncate -s 0 {{}} +
+rm -f /var/lib/apt/periodic/update-success-stamp
+touch -d @0 /var/lib/apt/lists
 """
+# The last two lines: the lists are empty, so the package cache must look old. Ansible's apt
+# module dates it by that stamp, else by the lists directory's mtime; with `cache_valid_time` (as the
+# pg_backup role asks) it would otherwise skip `apt-get update` for that long after the build, and
+# then find no package at all.
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,9 @@ def test_fixture_build_script_installs_without_starting_the_server() -> None:
     assert "apt-get install --yes postgresql postgresql-client\n" in script
     assert script.index("exit 101") < script.index("apt-get install") < script.index("rm -f /usr/sbin/policy-rc.d")
     assert "rm -rf /var/lib/apt/lists/*" in script
+    # Emptied lists must look stale to the apt module's cache_valid_time (stamp gone, directory dated 1970).
+    assert script.index("rm -rf /var/lib/apt/lists/*") < script.index("touch -d @0 /var/lib/apt/lists")
+    assert "rm -f /var/lib/apt/periodic/update-success-stamp" in script
 
 
 def test_recipe_hash_ignores_package_order() -> None:
