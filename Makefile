@@ -3,9 +3,9 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 VENV    ?= .venv
-PY      := $(CURDIR)/$(VENV)/bin/python
+PY      := $(abspath $(VENV))/bin/python
 APPS    ?= 3
-export PATH            := $(CURDIR)/$(VENV)/bin:$(PATH)
+export PATH            := $(abspath $(VENV))/bin:$(PATH)
 export CONTAINERS_CONF := $(CURDIR)/.config/containers/containers.conf
 export ANSIBLE_CONFIG  := $(CURDIR)/ansible.cfg
 export ANSIBLE_FORCE_COLOR ?= 0
