@@ -3,9 +3,9 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 VENV    ?= .venv
-PY      := $(CURDIR)/$(VENV)/bin/python
+PY      := $(abspath $(VENV))/bin/python
 APPS    ?= 3
-export PATH            := $(CURDIR)/$(VENV)/bin:$(PATH)
+export PATH            := $(abspath $(VENV))/bin:$(PATH)
 export CONTAINERS_CONF := $(CURDIR)/.config/containers/containers.conf
 export ANSIBLE_CONFIG  := $(CURDIR)/ansible.cfg
 export ANSIBLE_FORCE_COLOR ?= 0
@@ -19,7 +19,7 @@ help: ## List the targets
 setup: ## Install OS packages, the virtualenv and the project-local podman config (idempotent)
 	bash scripts/setup.sh
 
-images: ## Build (or reuse, by recipe hash) the Debian 11 and 12 test images
+images: ## Build (or reuse, by recipe hash) the Debian 11 and 12 test images, and their -pg variants (PostgreSQL preinstalled) for Molecule fixtures
 	$(PY) scripts/fleet.py images
 
 fleet-up: images ## Start the local fleet: lb1, app1..app$(APPS), db1 (APPS=N to change)

@@ -23,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleet.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    images = sub.add_parser("images", help="build (or reuse, by recipe hash) the Debian 11 and 12 images")
-    images.add_argument("--only", choices=sorted(RECIPES), help="build only this image")
+    images = sub.add_parser("images", help="build (or reuse, by recipe hash) the Debian 11 and 12 images and their -pg variants")
+    images.add_argument("--only", choices=sorted(RECIPES), help="build only this image (and its -pg variant)")
     images.add_argument("--force", action="store_true", help="rebuild even if the recipe hash is unchanged")
 
     up = sub.add_parser("up", help="start (or complete) the fleet: lb1, app1..appN, db1, reachable over SSH")

@@ -1,4 +1,5 @@
-"""`fleet.py images`: build (or reuse, by recipe hash) localhost/djm-debian11 and localhost/djm-debian12."""
+"""`fleet.py images`: build (or reuse, by recipe hash) localhost/djm-debian11 and localhost/djm-debian12,
+then the Molecule fixture images on top of them (localhost/djm-debian11-pg, localhost/djm-debian12-pg)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from fleetlib.common import (
     require_tools,
     run,
 )
-from fleetlib.recipe import CONTROLLER_CA_BUNDLE, RECIPES, Recipe, missing_certificates
+from fleetlib.recipe import CONTROLLER_CA_BUNDLE, FIXTURES, RECIPES, FixtureRecipe, Recipe, missing_certificates
 
 BUILD_ROOT = Path("/var/tmp/djm-build")  # noqa: S108 - fixed, root-owned build area (debootstrap needs a real disk)
 CHROOT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", "HOME": "/root"}
@@ -143,7 +144,7 @@ def import_rootfs(recipe: Recipe, rootfs: Path, digest: str) -> None:
         raise FleetError(f"podman import of {ref} failed: {detail[0]}")
 
 
-def remove_stale_tags(recipe: Recipe, digest: str) -> None:
+def remove_stale_tags(recipe: Recipe | FixtureRecipe, digest: str) -> None:
     """Drop this image's older recipe tags (kept if a container still uses them)."""
     out = podman("images", "--format", "{{.Repository}}:{{.Tag}}", recipe.repo)
     for ref in out.split():
@@ -185,6 +186,46 @@ def ensure_image(recipe: Recipe, ca_bundle: bytes, force: bool) -> None:
     log(f"{recipe.repo}: built {ref} and :latest, {image_size(ref) / 1e6:.0f} MB, in {timer.elapsed():.0f}s")
 
 
+def ensure_fixture_image(fixture: FixtureRecipe, base_digest: str, force: bool) -> None:
+    """localhost/djm-<base>-pg: a container of the base image runs the fixture script, then is committed."""
+    timer = Timer()
+    digest = fixture.digest(base_digest)
+    ref = f"{fixture.repo}:{digest[:12]}"
+    existing = image_id(ref)
+    if existing and not force and image_label(ref, "djm.recipe") == digest:
+        if image_id(f"{fixture.repo}:latest") != existing:
+            podman("tag", ref, f"{fixture.repo}:latest")
+        log(f"{fixture.repo}: up to date ({digest[:12]}), {image_size(ref) / 1e6:.0f} MB, {timer.elapsed():.1f}s")
+        return
+    base = RECIPES[fixture.base]
+    log(f"{fixture.repo}: building on {base.repo}:{base_digest[:12]} ({digest[:12]})")
+    builder = f"djm-build-{fixture.name}-{digest[:12]}"
+    run(["podman", "rm", "--force", builder], check=False)
+    try:
+        podman(
+            "run",
+            "--name",
+            builder,
+            "--pull=never",
+            f"{base.repo}:{base_digest[:12]}",
+            "/bin/sh",
+            "-c",
+            fixture.build_script(),
+            timeout=1800,
+        )
+        changes: list[str] = []
+        for change in (*fixture.import_changes, f"LABEL djm.recipe={digest}", f"LABEL djm.image={fixture.name}"):
+            changes += ["--change", change]
+        podman("commit", "--quiet", *changes, builder, ref, timeout=600)
+        podman("tag", ref, f"{fixture.repo}:latest")
+        if existing and existing != image_id(ref):
+            run(["podman", "rmi", existing], check=False)  # no --force: kept while a container uses it
+    finally:
+        run(["podman", "rm", "--force", builder], check=False)
+    remove_stale_tags(fixture, digest)
+    log(f"{fixture.repo}: built {ref} and :latest, {image_size(ref) / 1e6:.0f} MB, in {timer.elapsed():.0f}s")
+
+
 def build_images(names: Sequence[str], force: bool) -> None:
     require_root()
     require_tools(["podman", "runc", "debootstrap", "tar", "chroot"])
@@ -194,4 +235,7 @@ def build_images(names: Sequence[str], force: bool) -> None:
     with build_lock():
         for name in names:
             ensure_image(RECIPES[name], ca_bundle, force)
+        for fixture in FIXTURES.values():
+            if fixture.base in names:
+                ensure_fixture_image(fixture, RECIPES[fixture.base].digest(ca_bundle), force)
     log(f"images: done in {timer.elapsed():.1f}s")

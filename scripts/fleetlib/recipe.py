@@ -138,6 +138,74 @@ RECIPES: dict[str, Recipe] = {
     "debian12": Recipe(name="debian12", suite="bookworm", python="3.11"),
 }
 
+# Molecule scenarios whose PostgreSQL is only a fixture (pg_backup, pg_restore, django_service) start
+# from localhost/djm-<base>-pg: the base image plus the distribution's PostgreSQL server (13 on
+# Debian 11, 15 on Debian 12, its cluster `main` made by the package), so that no run downloads and
+# installs it again. The fleet and the postgresql role's scenario keep the base images: there the
+# role must install the server itself. Built from the local base image by `podman run` + `podman
+# commit` (no registry), named by a hash of the base image's recipe hash and the lines below.
+FIXTURE_PACKAGES: tuple[str, ...] = ("postgresql", "postgresql-client")
+
+# Runs in a container of the base image. policy-rc.d: the package must not start the server
+# during the build (no init runs there); systemd starts it in the instances.
+FIXTURE_SCRIPT = """\
+set -eu
+export DEBIAN_FRONTEND=noninteractive LC_ALL=C
+printf '#!/bin/sh\\nexit 101\\n' > /usr/sbin/policy-rc.d
+chmod 0755 /usr/sbin/policy-rc.d
+apt-get update
+apt-get install --yes {packages}
+rm -f /usr/sbin/policy-rc.d
+apt-get clean
+rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/cache/debconf/*-old /var/lib/dpkg/*-old
+rm -rf /tmp/* /var/tmp/* /root/.cache
+find /var/log -type f -exec truncate -s 0 {{}} +
+rm -f /var/lib/apt/periodic/update-success-stamp
+touch -d @0 /var/lib/apt/lists
+"""
+# The last two lines: the lists are empty, so the package cache must look old. Ansible's apt
+# module dates it by that stamp, else by the lists directory's mtime; with `cache_valid_time` (as the
+# pg_backup role asks) it would otherwise skip `apt-get update` for that long after the build, and
+# then find no package at all.
+
+
+@dataclass(frozen=True)
+class FixtureRecipe:
+    """`localhost/djm-<name>`: the base image `base` with `packages` installed."""
+
+    name: str
+    base: str
+    packages: tuple[str, ...] = FIXTURE_PACKAGES
+    script: str = FIXTURE_SCRIPT
+    import_changes: tuple[str, ...] = IMPORT_CHANGES
+
+    @property
+    def repo(self) -> str:
+        return f"{IMAGE_REPO_PREFIX}{self.name}"
+
+    def build_script(self) -> str:
+        return self.script.format(packages=" ".join(sorted(self.packages)))
+
+    def digest(self, base_digest: str) -> str:
+        """sha256 over the base image's recipe hash and everything this layer adds."""
+        document = {
+            "format": RECIPE_FORMAT,
+            "name": self.name,
+            "base": self.base,
+            "base_digest": base_digest,
+            "packages": sorted(self.packages),
+            "script": self.script,
+            "import_changes": list(self.import_changes),
+        }
+        encoded = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(encoded).hexdigest()
+
+
+FIXTURES: dict[str, FixtureRecipe] = {
+    "debian11-pg": FixtureRecipe(name="debian11-pg", base="debian11"),
+    "debian12-pg": FixtureRecipe(name="debian12-pg", base="debian12"),
+}
+
 _PEM_RE = re.compile(r"-----BEGIN CERTIFICATE-----\s*(.*?)\s*-----END CERTIFICATE-----", re.DOTALL)
 
 

@@ -69,6 +69,29 @@ def test_recipe_hash_changes_with_the_controller_ca_bundle() -> None:
     assert base.digest(pem(CA_A).encode()) != base.digest((pem(CA_A) + pem(CA_B)).encode())
 
 
+def test_fixture_image_hash_follows_its_base_and_its_own_inputs() -> None:
+    pg11 = recipe.FIXTURES["debian11-pg"]
+    base = recipe.RECIPES[pg11.base].digest(b"")
+    assert pg11.base == "debian11" and recipe.FIXTURES["debian12-pg"].base == "debian12"
+    assert pg11.digest(base) == replace(pg11).digest(base)
+    assert pg11.digest(base) != recipe.FIXTURES["debian12-pg"].digest(base)
+    # A rebuilt base (another recipe hash) means a rebuilt fixture image.
+    assert pg11.digest(base) != pg11.digest(recipe.RECIPES["debian11"].digest(pem(CA_A).encode()))
+    assert replace(pg11, packages=(*pg11.packages, "vim-tiny")).digest(base) != pg11.digest(base)
+    assert replace(pg11, script=pg11.script + "true\n").digest(base) != pg11.digest(base)
+    assert replace(pg11, packages=tuple(reversed(pg11.packages))).digest(base) == pg11.digest(base)
+
+
+def test_fixture_build_script_installs_without_starting_the_server() -> None:
+    script = recipe.FIXTURES["debian12-pg"].build_script()
+    assert "apt-get install --yes postgresql postgresql-client\n" in script
+    assert script.index("exit 101") < script.index("apt-get install") < script.index("rm -f /usr/sbin/policy-rc.d")
+    assert "rm -rf /var/lib/apt/lists/*" in script
+    # Emptied lists must look stale to the apt module's cache_valid_time (stamp gone, directory dated 1970).
+    assert script.index("rm -rf /var/lib/apt/lists/*") < script.index("touch -d @0 /var/lib/apt/lists")
+    assert "rm -f /var/lib/apt/periodic/update-success-stamp" in script
+
+
 def test_recipe_hash_ignores_package_order() -> None:
     base = recipe.RECIPES["debian11"]
     shuffled = replace(base, packages=tuple(reversed(base.packages)))

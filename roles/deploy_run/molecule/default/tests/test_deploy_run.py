@@ -3,7 +3,7 @@
 molecule_shop: run molecule-run-1 finished (record, history line, last-run), molecule-run-2 holds
 the lock; the refusals and the check-mode pass of side_effect.yml changed nothing there.
 molecule_stale: the lock of a dead run was broken by molecule-cleanup, which then finished.
-Remote calls are slow through the ansible backend, so the whole state dir is read once per host.
+The whole state dir is read once per host, in one remote call.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ from typing import Any
 
 import testinfra
 
-testinfra_hosts = ["lb"]
+LBS = ("lbrole-lb-debian11", "lbrole-lb-debian12")
+testinfra_hosts = [f"podman://{lb}" for lb in LBS]
 
 APPS = ("lbrole-app-debian11", "lbrole-app-debian12")
 DRAINED = "lbrole-app-debian12"
@@ -78,7 +79,7 @@ def sessions(host) -> int:
 def answers(host, count: int = REQUESTS) -> Counter[str]:
     """Send `count` requests through this load balancer; count which backend answered each (or "failed").
 
-    One remote call for all of them: each call through testinfra's ansible backend takes seconds.
+    One remote call for all of them.
     """
     out = host.check_output(f"for i in $(seq {count}); do curl -sf --max-time 5 http://127.0.0.1/whoami || echo failed; done")
     return Counter(out.split())
@@ -86,7 +87,7 @@ def answers(host, count: int = REQUESTS) -> Counter[str]:
 
 @cache
 def every_lb() -> list[Any]:
-    return testinfra.get_hosts(["lb"], connection="ansible", ansible_inventory=os.environ["MOLECULE_INVENTORY_FILE"])
+    return testinfra.get_hosts(testinfra_hosts)
 
 
 def name(host) -> str:

@@ -1,6 +1,6 @@
 """The hosts after converge + side_effect: Python 3.11.2 beside an untouched system python3.
 
-Remote calls are slow through the ansible backend, so the state of each host is read once (by the
+Each remote call is a `podman exec`, so the state of each host is read once (by the
 system python3, which the role must leave alone) and the tests assert on that snapshot.
 """
 
