@@ -9,10 +9,11 @@ Steps (each idempotent, so a second run only checks):
      unless it already holds data;
   5. ask /healthz through lb1;
   6. migrate to v2 (migrate.yml): Python 3.11 built once and distributed, v2 prepared beside v1,
-     the migration plan (v2 drops a column: maintenance window), verified backup, migrations
-     applied once, app hosts switched;
+     the migration plan (v2 drops a column the old code reads: two_phase), verified backup,
+     expand, app hosts switched one at a time, contract, smoke checks through lb1;
   7. roll back (rollback.yml): from the run record, v2's migrations reversed with v2's code in a
-     short maintenance window (writes kept), the app hosts switched back to v1.
+     short maintenance window (writes kept), proven against the backup, the app hosts switched
+     back to v1.
 --stop-after v1|v2 ends the demo earlier.
 """
 
