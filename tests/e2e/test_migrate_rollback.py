@@ -284,7 +284,8 @@ def test_a_lock_held_on_products_trips_the_lock_timeout_and_the_run_goes_back_wi
     print(f"\nmigrate v2 with products locked: {run.seconds:.0f}s, failures {failures(load)}, checkout latency ms {checkout},"
           f" two_phase {record.get('two_phase', {}).get('migrations')}")  # fmt: skip
     assert run.rc != 0 and "failed at stage migrate" in run.output, run.failed_line
-    assert "lock" in run.failed_line, run.failed_line
+    cause = [line for line in run.output.splitlines() if "failed at stage migrate" in line][-1]
+    assert "lock not available within 2000ms after 3 attempt(s)" in cause and "Undone by code" in cause, cause
     assert record["result"] == "rolled_back" and record["converge"]["mode"] == "code", record.get("converge")
     assert failures(load) == {} and load.missing_orders == 0, (load.summary["failures_by_status"], load.verify_output)
     assert_back_on_v1(e2e)
