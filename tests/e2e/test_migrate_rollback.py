@@ -242,7 +242,7 @@ def test_rollback_modes_refuse_what_would_break_or_lose_and_restore_keeps_the_re
     # What a restore cut during its swap leaves (controller killed): the live database closed to
     # connections and a scratch copy. rollback.yml repairs both before it restores.
     e2e.ssh("db1", "sudo -u postgres psql -X -q -c 'ALTER DATABASE acme WITH ALLOW_CONNECTIONS false'"
-                   " -c 'CREATE DATABASE acme__restore_20260101T000000Z'")  # fmt: skip
+                   " -c 'CREATE DATABASE \"acme__restore_20260101T000000Z\"'")  # fmt: skip
 
     # restore, discarding those writes on purpose: they stay in the replaced database.
     accepted = e2e.rollback("-e", "rollback_mode=restore", "-e", "rollback_accept_data_loss=true", log="rollback-restore")
