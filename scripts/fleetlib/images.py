@@ -153,15 +153,22 @@ def remove_stale_tags(recipe: Recipe | FixtureRecipe, digest: str) -> None:
             run(["podman", "rmi", ref], check=False)
 
 
+def is_up_to_date(repo: str, ref: str, existing: str | None, digest: str, timer: Timer) -> bool:
+    """The image built from this recipe digest exists: make sure :latest points at it and say so."""
+    if not existing or image_label(ref, "djm.recipe") != digest:
+        return False
+    if image_id(f"{repo}:latest") != existing:
+        podman("tag", ref, f"{repo}:latest")
+    log(f"{repo}: up to date ({digest[:12]}), {image_size(ref) / 1e6:.0f} MB, {timer.elapsed():.1f}s")
+    return True
+
+
 def ensure_image(recipe: Recipe, ca_bundle: bytes, force: bool) -> None:
     timer = Timer()
     digest = recipe.digest(ca_bundle)
     ref = f"{recipe.repo}:{digest[:12]}"
     existing = image_id(ref)
-    if existing and not force and image_label(ref, "djm.recipe") == digest:
-        if image_id(f"{recipe.repo}:latest") != existing:
-            podman("tag", ref, f"{recipe.repo}:latest")
-        log(f"{recipe.repo}: up to date ({digest[:12]}), {image_size(ref) / 1e6:.0f} MB, {timer.elapsed():.1f}s")
+    if not force and is_up_to_date(recipe.repo, ref, existing, digest, timer):
         return
     log(f"{recipe.repo}: building {recipe.suite} ({digest[:12]})")
     workdir = BUILD_ROOT / f"{recipe.name}-{digest[:12]}"
@@ -192,10 +199,7 @@ def ensure_fixture_image(fixture: FixtureRecipe, base_digest: str, force: bool) 
     digest = fixture.digest(base_digest)
     ref = f"{fixture.repo}:{digest[:12]}"
     existing = image_id(ref)
-    if existing and not force and image_label(ref, "djm.recipe") == digest:
-        if image_id(f"{fixture.repo}:latest") != existing:
-            podman("tag", ref, f"{fixture.repo}:latest")
-        log(f"{fixture.repo}: up to date ({digest[:12]}), {image_size(ref) / 1e6:.0f} MB, {timer.elapsed():.1f}s")
+    if not force and is_up_to_date(fixture.repo, ref, existing, digest, timer):
         return
     base = RECIPES[fixture.base]
     log(f"{fixture.repo}: building on {base.repo}:{base_digest[:12]} ({digest[:12]})")

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
+from pgsql import execute
 
 REPO = Path(__file__).resolve().parents[2]
 BACKUP_PROGRAM = REPO / "roles" / "pg_backup" / "files" / "pg_snapshot_backup.py"
@@ -35,12 +35,6 @@ REVERSE = (
     "DROP TABLE shop_tag",
     "DELETE FROM django_migrations WHERE name = '0002_contract'",
 )
-
-
-def execute(dsn: str, *statements: str) -> None:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        for statement in statements:
-            conn.execute(statement)
 
 
 def run(program: Path, *args: str, expect: int = 0) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from pgsql import execute, scalar
 
 REPO = Path(__file__).resolve().parents[2]
 BACKUP_PROGRAM = REPO / "roles" / "pg_backup" / "files" / "pg_snapshot_backup.py"
@@ -29,18 +30,6 @@ import pg_snapshot_backup as psb  # noqa: E402
 
 DB = "bk_app"
 BIG_ROWS = 120_000
-
-
-def execute(dsn: str, *statements: str) -> None:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        for statement in statements:
-            conn.execute(statement)
-
-
-def scalar(dsn: str, query: str) -> Any:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute(query).fetchone()
-        return row[0] if row else None
 
 
 def run(program: Path, *args: str, expect: int = 0) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from pgsql import execute, scalar
 
 REPO = Path(__file__).resolve().parents[2]
 BACKUP_PROGRAM = REPO / "roles" / "pg_backup" / "files" / "pg_snapshot_backup.py"
@@ -36,18 +37,6 @@ COMPARED = {
     "app.events": "kind, body::text",
     "app.products": "id, name, stock",
 }
-
-
-def execute(dsn: str, *statements: str) -> None:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        for statement in statements:
-            conn.execute(statement)
-
-
-def scalar(dsn: str, query: str) -> Any:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute(query).fetchone()
-        return row[0] if row else None
 
 
 def rows(dsn: str, table: str) -> list[tuple[Any, ...]]:
