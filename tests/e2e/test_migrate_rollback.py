@@ -11,13 +11,15 @@ import csv
 import datetime
 import io
 import json
+import os
 import shlex
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from typing import Any
 
-from conftest import E2E, ENV, FLEET, INVENTORY, LOGS, REPO
+from conftest import E2E, ENV, FLEET, INVENTORY, LOGS, PYTHON_VERSION, REPO
 
 
 def assert_back_on_v1(e2e: E2E) -> None:
@@ -191,23 +193,30 @@ def test_a_second_run_is_refused_and_a_stale_lock_is_reported(e2e: E2E) -> None:
         e2e.ssh("db1", "sudo rm -f /var/lib/djm/acme/lock.json")
 
 
-def test_controller_killed_mid_switch_is_finished_by_rollback(e2e: E2E) -> None:
+def run_and_kill(log: str, ready: Callable[[str], bool], *args: str) -> None:
+    """Start migrate.yml to v2, SIGKILL the controller (ansible-playbook and its workers) once ready(log text)."""
     argv = ["ansible-playbook", "-i", str(INVENTORY), "migrate.yml", "-e", "project_release_id=v2",
-            "-e", "project_python_version=3.11.2", "-e", "migrate_strategy=rolling"]  # fmt: skip
+            "-e", f"project_python_version={PYTHON_VERSION}", *args]  # fmt: skip
     LOGS.mkdir(parents=True, exist_ok=True)
-    with (LOGS / "migrate-killed.log").open("w") as log:
-        proc = subprocess.Popen(argv, cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    path = LOGS / f"{log}.log"
+    with path.open("w") as out:
+        proc = subprocess.Popen(argv, cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 900
-        while time.monotonic() < deadline and proc.poll() is None:
-            if "Drain the host in HAProxy before switching it to v2" in (LOGS / "migrate-killed.log").read_text():
-                time.sleep(2)
-                break
+        while time.monotonic() < deadline and proc.poll() is None and not ready(path.read_text()):
             time.sleep(0.5)
-        assert proc.poll() is None, "the run ended before its switch stage"
-        import os
-
+        assert proc.poll() is None, f"the run ended before the point where it is killed: {path.read_text()[-3000:]}"
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def test_controller_killed_mid_switch_is_finished_by_rollback(e2e: E2E) -> None:
+    def draining(log: str) -> bool:
+        if "Drain the host in HAProxy before switching it to v2" not in log:
+            return False
+        time.sleep(2)
+        return True
+
+    run_and_kill("migrate-killed", draining, "-e", "migrate_strategy=rolling")
     record = e2e.run_record()
     assert "result" not in record and record["stage"] in {"switch", "migrate"}
     assert e2e.lock() is not None
@@ -218,6 +227,39 @@ def test_controller_killed_mid_switch_is_finished_by_rollback(e2e: E2E) -> None:
     e2e.rollback(log="rollback-after-kill")
     record = e2e.run_record()
     assert record["result"] == "rolled_back"
+    assert_back_on_v1(e2e)
+
+
+def test_controller_killed_mid_migration_leaves_nothing_running_that_could_apply_it_later(e2e: E2E) -> None:
+    """The controller dies while manage.py migrate (forced rolling, no lock_timeout) waits behind a long
+    transaction on products. The migration goes on without it on app1 and its session on db1 waits in
+    the lock queue, blocking every query on products behind it. rollback.yml must stop that process and
+    its session before it decides anything: else the migration applies under v1 once the lock is free."""
+    applied = "SELECT string_agg(app || '.' || name, ',' ORDER BY app, name) FROM django_migrations"
+    before = e2e.sql(applied)
+    waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = 'acme' AND wait_event_type = 'Lock'"
+    blocker = subprocess.Popen(shlex.split(e2e.psql_cmd()), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, text=True, env=ENV)  # fmt: skip
+    assert blocker.stdin is not None
+    blocker.stdin.write("BEGIN; SELECT count(*) FROM products; SELECT pg_sleep(1800);\n")
+    blocker.stdin.flush()
+    try:
+        run_and_kill("migrate-killed-migrating", lambda _: e2e.sql(waiting) != "0", "-e", "migrate_strategy=rolling")
+        time.sleep(3)
+        assert e2e.sql(waiting) != "0", "the killed run's migration no longer waits: nothing was left running"
+        rollback = e2e.rollback(log="rollback-after-killed-migration")
+    finally:
+        e2e.sql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE query LIKE '%pg_sleep(1800)%' AND pid <> pg_backend_pid()")  # fmt: skip
+        blocker.kill()
+        blocker.wait()
+    said = " ".join(rollback.output.split())
+    print(f"\nrollback after a kill mid-migration: {rollback.seconds:.0f}s")
+    assert "left running" in said, said[-3000:]
+    time.sleep(5)  # what a surviving migration would need to apply once the lock is free
+    assert e2e.sql(applied) == before
+    assert "manage.py migrate" not in e2e.ssh("app1", "ps -eo args")
+    assert e2e.run_record()["result"] == "rolled_back"
     assert_back_on_v1(e2e)
 
 
