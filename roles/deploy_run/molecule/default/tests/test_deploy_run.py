@@ -113,3 +113,16 @@ def test_stale_lock_was_broken_and_its_breaker_finished(host: Any) -> None:
     assert set(cleanup["stages"]) == {"cleanup", "finish"}
     assert history(host, "molecule_stale") == [cleanup]
     assert content(host, "molecule_stale/last-run") == "molecule-cleanup\n"
+
+
+def test_only_what_other_runs_of_the_project_left_running_was_stopped(host: Any) -> None:
+    active = {
+        unit: host.run("systemctl is-active %s", unit).stdout.strip()
+        for unit in ("molecule-orphan-unit", "molecule-orphan-tree", "molecule-orphan-own", "molecule-orphan-other-project")
+    }
+    assert active == {
+        "molecule-orphan-unit": "inactive",
+        "molecule-orphan-tree": "inactive",
+        "molecule-orphan-own": "active",
+        "molecule-orphan-other-project": "active",
+    }
