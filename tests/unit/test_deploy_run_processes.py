@@ -7,8 +7,10 @@ calling run and an unmarked one, which must survive.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +21,14 @@ from typing import Any
 import pytest
 
 MODULE = Path(__file__).resolve().parents[2] / "roles" / "deploy_run" / "library" / "deploy_run_processes.py"
+
+
+def load_module() -> Any:
+    spec = importlib.util.spec_from_file_location("deploy_run_processes", MODULE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def call(tmp_path: Path, check: bool = False, **params: Any) -> dict[str, Any]:
@@ -90,3 +100,38 @@ def test_nothing_left_changes_nothing(tmp_path: Path) -> None:
 def test_an_empty_prefix_is_refused(tmp_path: Path) -> None:
     result = call(tmp_path, prefix="")
     assert result["failed"] and "prefix must not be empty" in result["msg"]
+
+
+def test_reports_the_tcp_connections_the_stopped_processes_held(tmp_path: Path) -> None:
+    """A session on a remote PostgreSQL is found there by the client's address and port: the module
+    reads them before any signal, over IPv4 and IPv6."""
+    listeners = [socket.create_server(("127.0.0.1", 0)), socket.create_server(("::1", 0), family=socket.AF_INET6)]
+    clients = []
+    for listener in listeners:
+        host, port = listener.getsockname()[:2]
+        script = f"import socket, time; s = socket.create_connection(({host!r}, {port})); time.sleep(300)"
+        env = {**os.environ, "PGAPPNAME": "djm:shop:run-old"}
+        clients.append(subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True))
+    try:
+        accepted = [listener.accept()[0] for listener in listeners]
+        result = call(tmp_path, prefix="djm:shop:", keep="djm:shop:run-now", timeout=2)
+        held = {(c["pid"], c["local_addr"], c["local_port"], c["remote_addr"], c["remote_port"]) for c in result["connections"]}
+        for client, conn, listener in zip(clients, accepted, listeners):
+            peer_host, peer_port = conn.getpeername()[:2]
+            host, port = listener.getsockname()[:2]
+            assert (client.pid, peer_host, peer_port, host, port) in held, result["connections"]
+            client.wait(timeout=10)
+    finally:
+        for client in clients:
+            if client.poll() is None:
+                client.kill()
+            client.wait()
+        for listener in listeners:
+            listener.close()
+
+
+def test_addresses_as_the_kernel_writes_them() -> None:
+    module = load_module()
+    assert module.address("0100007F:1F90") == ("127.0.0.1", 8080)
+    assert module.address("00000000000000000000000001000000:0016") == ("::1", 22)
+    assert module.address("0000000000000000FFFF00000A00580A:1538") == ("10.88.0.10", 5432)

@@ -14,6 +14,10 @@ description:
   - Finds every process whose environment has C(PGAPPNAME) starting with I(prefix), other than I(keep)
     (the calling run's marker), adds their descendants, sends them SIGTERM, waits up to I(timeout)
     seconds, then sends SIGKILL to what is left. Never touches its own process or its ancestors.
+  - Reports the TCP connections those processes held (read before any signal): a session they opened
+    on a remote PostgreSQL is found there by its client address and port, whatever C(application_name)
+    the project's settings give it, and can be ended (a backend waiting for a lock does not notice
+    that its client died).
   - In check mode, only reports what it would stop.
 options:
   prefix:
@@ -39,9 +43,14 @@ killed:
   description: Pids that survived SIGTERM for I(timeout) seconds and got SIGKILL.
   type: list
   returned: always
+connections:
+  description: Established TCP connections of those processes (pid, local_addr, local_port, remote_addr, remote_port).
+  type: list
+  returned: always
 """
 
 import contextlib  # noqa: E402
+import ipaddress  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import time  # noqa: E402
@@ -77,6 +86,44 @@ def table(proc):
         args = read(os.path.join(proc, name, "cmdline")).replace(b"\0", b" ").strip().decode("utf-8", "replace")
         processes[pid] = (int(fields[1]), marker, args[:300])
     return processes
+
+
+def address(hex_address):
+    """'0100007F:1F90' (IPv4) or 32 hex digits (IPv6), as /proc/net/tcp writes them: (text, port)."""
+    host, port = hex_address.split(":")
+    raw = bytes.fromhex(host)
+    # The kernel prints the address as 32-bit words in host (little-endian) order.
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    ip = ipaddress.ip_address(words)
+    # An IPv4 peer reached over an IPv6 socket: PostgreSQL shows the IPv4 address.
+    return str(getattr(ip, "ipv4_mapped", None) or ip), int(port, 16)
+
+
+def connections(pids):
+    """Established TCP connections held by pids, read from their fds and their network namespace."""
+    found = []
+    for pid in pids:
+        inodes = set()
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(os.path.join(fd_dir, fd))
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        for table_name in ("tcp", "tcp6"):
+            for line in read(f"/proc/{pid}/net/{table_name}").decode("ascii", "replace").splitlines()[1:]:
+                fields = line.split()
+                if len(fields) > 9 and fields[3] == "01" and fields[9] in inodes:
+                    local, remote = address(fields[1]), address(fields[2])
+                    found.append({"pid": pid, "local_addr": local[0], "local_port": local[1],
+                                  "remote_addr": remote[0], "remote_port": remote[1]})  # fmt: skip
+    return found
 
 
 def orphans(processes, prefix, keep, me):
@@ -131,8 +178,9 @@ def main():
     processes = table("/proc")
     pids = orphans(processes, prefix, keep, os.getpid())
     found = [{"pid": pid, "marker": processes[pid][1], "args": processes[pid][2]} for pid in pids]
+    held = connections(pids)
     if module.check_mode or not pids:
-        module.exit_json(changed=bool(pids), processes=found, killed=[])
+        module.exit_json(changed=bool(pids), processes=found, killed=[], connections=held)
     signal_all(pids, signal.SIGTERM)
     deadline = time.monotonic() + module.params["timeout"]
     while time.monotonic() < deadline and any(alive(pid) for pid in pids):
@@ -144,8 +192,9 @@ def main():
         time.sleep(0.2)
     left = [pid for pid in killed if alive(pid)]
     if left:
-        module.fail_json(msg=f"processes {left} of another run survived SIGKILL", processes=found, killed=killed)
-    module.exit_json(changed=True, processes=found, killed=killed)
+        message = f"processes {left} of another run survived SIGKILL"
+        module.fail_json(msg=message, processes=found, killed=killed, connections=held)
+    module.exit_json(changed=True, processes=found, killed=killed, connections=held)
 
 
 if __name__ == "__main__":
