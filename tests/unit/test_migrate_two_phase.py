@@ -571,6 +571,57 @@ def test_synthetic_old_code_null_refused_on_every_django(
     assert all(d["outcome"] == "applied" for d in load(state)["deferred"])
 
 
+# A data migration PostgreSQL picks as a deadlock's victim on its first attempt (a sequence counts the
+# attempts: nextval() is not rolled back with the transaction), as the fixture's catalog.0003 can be
+# when live checkouts hold rows of the table it locks.
+FLAKY = """\
+from django.db import migrations
+
+
+class Migration(migrations.Migration):
+    dependencies = [("shop", "0001_initial")]
+    operations = [
+        migrations.RunSQL(
+            "UPDATE shop_item SET name = upper(name);"
+            " DO $$ BEGIN IF nextval('shop_flaky_attempts') <= %d THEN"
+            " RAISE EXCEPTION 'deadlock detected (simulated)'"
+            " USING ERRCODE = 'deadlock_detected'; END IF; END $$;",
+            migrations.RunSQL.noop,
+        ),
+    ]
+"""
+
+
+@pytest.mark.slow
+def test_synthetic_deadlock_victim_is_retried_then_exit_4_when_it_keeps_losing(pg_cluster: h.Cluster, tmp_path: Path) -> None:
+    python = h.venv_python("v1")
+    for victims, retries in ((1, 2), (3, 2)):
+        project = write_project(tmp_path / f"p{victims}", OLD_MODELS, ["0001_initial"])
+        (project / "shop" / "migrations" / "0002_flaky.py").write_text(FLAKY % victims)
+        dsn = pg_cluster.createdb(f"two_phase_deadlock_{victims}")
+        env = h.django_env(pg_cluster, f"two_phase_deadlock_{victims}", DJANGO_SETTINGS_MODULE="synth_settings")
+        ok(run(python, project, env, "manage.py", "migrate", "shop", "0001", "--noinput", "-v0"))
+        h.query(dsn, "CREATE SEQUENCE shop_flaky_attempts")
+        h.query(dsn, "INSERT INTO shop_owner (name) VALUES ('ann')")
+        h.query(dsn, "INSERT INTO shop_item (name, owner_id) VALUES ('one', 1)")
+        plan, state = tmp_path / f"plan{victims}.json", tmp_path / f"state{victims}.json"
+        plan.write_text(ok(run(python, project, env, str(PLANNER), "--json")).stdout)
+        result = run(python, project, env, str(TOOL), "expand", "--plan", str(plan), "--state", str(state),
+                     "--retries", str(retries), "--backoff", "100ms")  # fmt: skip
+        assert result.stdout.count("deadlock in shop.0002_flaky (attempt ") == min(victims, retries)
+        if victims <= retries:
+            ok(result)
+            migration = load(state)["migrations"][-1]
+            assert (migration["attempts"], migration["deadlocks"], migration["lock_timeouts"]) == (2, 1, 0)
+            assert "shop.0002_flaky" in recorded(dsn)
+            assert h.query(dsn, "SELECT name FROM shop_item") == [("ONE",)]  # applied once, by the attempt that won
+        else:
+            assert result.returncode == 4, result.stdout + result.stderr
+            assert "shop.0002_flaky: chosen as a deadlock's victim after 3 attempt(s)" in one_line_error(result)
+            assert "shop.0002_flaky" not in recorded(dsn)
+            assert h.query(dsn, "SELECT name FROM shop_item") == [("one",)]
+
+
 # --------------------------------------------------------------------------------------------
 # Helpers on their own
 # --------------------------------------------------------------------------------------------
@@ -608,6 +659,7 @@ def test_lock_timeout_is_found_through_django_wrapping() -> None:
     wrapped.__cause__ = driver
     assert tp.is_lock_timeout(wrapped) and tp.sqlstate(wrapped) == "55P03"
     assert not tp.is_lock_timeout(FakeError("deadlock detected", "40P01"))
+    assert tp.is_deadlock(FakeError("deadlock detected", "40P01")) and not tp.is_deadlock(driver)
 
 
 def test_durations_and_backoff() -> None:

@@ -38,8 +38,10 @@ expand
     lock_timeout and statement_timeout (SET through set_config(); also on every new
     connection), applies the
     migration on a clone of the project state, records its duration, and on a lock timeout
-    (SQLSTATE 55P03, psycopg2/psycopg LockNotAvailable) sleeps (--backoff, doubled each time,
-    at most 30 s) and applies it again, up to --retries times; then exit 4, naming the migration.
+    (SQLSTATE 55P03, psycopg2/psycopg LockNotAvailable), or when PostgreSQL chose it as a
+    deadlock's victim (40P01: a data migration that locks a table its live writers hold rows of),
+    sleeps (--backoff, doubled each time, at most 30 s) and applies it again, up to --retries times;
+    then exit 4, naming the migration.
     An atomic migration rolls back as a whole, so a retry starts from a clean slate. A
     NON-ATOMIC migration (e.g. AddIndexConcurrently) commits each operation by itself: it is
     retried only if nothing of it had run yet (the lock timeout hit its first statement);
@@ -114,7 +116,7 @@ State file (JSON, format 1)
   database    {alias, name}
   expand      {status: "running" | "done" | "failed", runs, started_at, finished_at,
               exit_code, error, lock_timeout_ms, statement_timeout_ms, retries, backoff_s}
-  migrations  [{migration, atomic, attempts, lock_timeouts, seconds (the successful attempt),
+  migrations  [{migration, atomic, attempts, lock_timeouts, deadlocks, seconds (the successful attempt),
               seconds_total (with retries and backoff), applied_at}] in the order applied
   interim     [{migration, operation, sql, at}] interim statements run in place of deferred ones
   deferred    [{id, migration, operation, kind, table, column, sql (as Django generated it in
@@ -151,6 +153,7 @@ EXIT_LOCK = 4
 STATE_FORMAT = 1
 MAX_BACKOFF_S = 30.0
 LOCK_NOT_AVAILABLE = "55P03"
+DEADLOCK_DETECTED = "40P01"
 NOT_NULL_VIOLATION = "23502"
 GONE = {"42703", "42P01", "42704"}  # undefined_column, undefined_table, undefined_object
 EXISTS = {"42P07", "42710"}  # duplicate_table (relations, indexes), duplicate_object (constraints)
@@ -264,6 +267,11 @@ def sqlstate(exc: BaseException) -> str | None:
 
 def is_lock_timeout(exc: BaseException) -> bool:
     return sqlstate(exc) == LOCK_NOT_AVAILABLE or any(type(e).__name__ == "LockNotAvailable" for e in errors(exc))
+
+
+def is_deadlock(exc: BaseException) -> bool:
+    """PostgreSQL chose this transaction as a deadlock's victim: it rolled back, a retry starts clean."""
+    return sqlstate(exc) == DEADLOCK_DETECTED or any(type(e).__name__ == "DeadlockDetected" for e in errors(exc))
 
 
 def backoff_delay(backoff_s: float, attempt: int) -> float:
@@ -743,6 +751,7 @@ def hooks(
         atomic = bool(getattr(migration, "atomic", True))
         started = time.monotonic()
         attempt = 0
+        deadlocks = 0
         while True:
             attempt += 1
             attempt_started = time.monotonic()
@@ -754,15 +763,19 @@ def hooks(
                 clean = atomic or (interceptor.operations_done == 0 and interceptor.statements_ok == 0)
                 interceptor.end()
                 print(flush=True)  # ends Django's "Applying x..." line
-                if not is_lock_timeout(exc):
+                deadlock = is_deadlock(exc)
+                if not (deadlock or is_lock_timeout(exc)):
                     raise MigrationFailed(f"{name}: {type(exc).__name__}: {first_line(exc)}") from exc
+                deadlocks += deadlock
                 if attempt <= args.retries and clean:
                     delay = backoff_delay(args.backoff, attempt)
-                    print(
-                        f"  lock timeout in {name} (attempt {attempt}/{args.retries + 1}, lock_timeout"
-                        f" {args.lock_timeout}ms): {first_line(exc)}; retrying in {delay:g}s",
-                        flush=True,
+                    tries = f"attempt {attempt}/{args.retries + 1}"
+                    what = (
+                        f"deadlock in {name} ({tries})"
+                        if deadlock
+                        else f"lock timeout in {name} ({tries}, lock_timeout {args.lock_timeout}ms)"
                     )
+                    print(f"  {what}: {first_line(exc)}; retrying in {delay:g}s", flush=True)
                     time.sleep(delay)
                     continue
                 how = (
@@ -770,8 +783,9 @@ def hooks(
                     if clean
                     else "in a non-atomic migration after part of it had committed (not retried)"
                 )
+                cause = "chosen as a deadlock's victim" if deadlock else f"lock not available within {args.lock_timeout}ms"
                 raise LockTimeouts(
-                    f"{name}: lock not available within {args.lock_timeout}ms {how}: {first_line(exc)}"
+                    f"{name}: {cause} {how}: {first_line(exc)}"
                     " (the migration is not recorded; run expand again when the lock holder is gone)"
                 ) from exc
             deferred, interim = interceptor.deferred_log, interceptor.interim_log
@@ -790,7 +804,8 @@ def hooks(
                 "migration": name,
                 "atomic": atomic,
                 "attempts": attempt,
-                "lock_timeouts": attempt - 1,
+                "lock_timeouts": attempt - 1 - deadlocks,
+                "deadlocks": deadlocks,
                 "seconds": round(finished - attempt_started, 3),
                 "seconds_total": round(finished - started, 3),
                 "applied_at": now(),
@@ -992,15 +1007,17 @@ def in_transaction(connection: Any, args: argparse.Namespace, what: str, work: C
                 with connection.cursor() as cursor:
                     return work(cursor), attempt
         except Exception as exc:
-            if not is_lock_timeout(exc):
+            deadlock = is_deadlock(exc)
+            if not (deadlock or is_lock_timeout(exc)):
                 raise
+            cause = "chosen as a deadlock's victim" if deadlock else f"lock not available within {args.lock_timeout}ms"
             if attempt > args.retries:
                 raise LockTimeouts(
-                    f"{what}: lock not available within {args.lock_timeout}ms after {attempt} attempt(s): {first_line(exc)}"
-                    " (nothing of it applied; run contract again)"
+                    f"{what}: {cause} after {attempt} attempt(s): {first_line(exc)} (nothing of it applied; run contract again)"
                 ) from exc
             delay = backoff_delay(args.backoff, attempt)
-            print(f"  lock timeout ({what}, attempt {attempt}/{args.retries + 1}); retrying in {delay:g}s", flush=True)
+            kind = "deadlock" if deadlock else "lock timeout"
+            print(f"  {kind} ({what}, attempt {attempt}/{args.retries + 1}); retrying in {delay:g}s", flush=True)
             time.sleep(delay)
 
 
