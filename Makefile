@@ -53,12 +53,17 @@ test-root: images ## `molecule test` at the root: migrate.yml and rollback.yml u
 test-e2e: images ## migrate.yml and rollback.yml end to end on one shared fleet, under load and on every failure path
 	pytest -q -s -p no:cacheprovider tests/e2e
 
+# The end-to-end tests take over the fleet the root scenario leaves (idle on v1, with data): one
+# fleet for both, removed at the end whatever happened.
+ROOT_FLEET := $(or $(DJM_MOLECULE_FLEET),djmmol)
 test: setup ## Everything CI runs: set-up (idempotent), lint, unit, every Molecule scenario, the fleet and end-to-end tests
 	@t0=$$(date +%s); rc=0; \
 	for tier in test-fast test-molecule test-fleet test-root test-e2e; do \
-	  t=$$(date +%s); $(MAKE) $$tier || rc=$$?; \
+	  t=$$(date +%s); \
+	  DJM_MOLECULE_KEEP=1 DJM_E2E_FLEET=$(ROOT_FLEET) DJM_E2E_REUSE=1 $(MAKE) $$tier || rc=$$?; \
 	  echo "=== $$tier: $$(( $$(date +%s) - t ))s (exit $$rc)"; [ $$rc -eq 0 ] || break; \
 	done; \
+	$(PY) scripts/fleet.py down --name $(ROOT_FLEET) >/dev/null 2>&1 || true; \
 	echo "=== make test: exit $$rc after $$(( $$(date +%s) - t0 ))s"; exit $$rc
 
 demo: setup ## The local fleet running the fixture app v1 with generated data, served through lb1 (127.0.0.1:8080)

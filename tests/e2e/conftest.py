@@ -3,7 +3,8 @@
 The session fixture `e2e` brings up its own fleet (lb1, app1..app3 on Debian 11, db1) named by
 DJM_E2E_FLEET (default `djme2e`; two sessions running at once need two names), lb1 on host port
 DJM_E2E_HTTP_PORT (default: a free one), deploys the fixture's v1 with playbooks/deploy.yml, loads
-a little generated data, and hands the tests helpers to run the operator's commands, send steady
+a little generated data (DJM_E2E_REUSE=1 takes the fleet DJM_E2E_FLEET as it is instead, idle on v1
+with its data: `make test` hands over the root Molecule scenario's), and hands the tests helpers to run the operator's commands, send steady
 traffic through lb1 (scripts/loadgen.py) and look at the hosts over SSH. Every test leaves the
 fleet serving v1 (through the product's own rollback), so the tests share it. `DJM_E2E_KEEP=1` keeps the fleet afterwards.
 """
@@ -34,6 +35,9 @@ sys.path.insert(0, str(REPO / "scripts"))
 import demo  # noqa: E402 - the demo's data loader, through the path set above
 
 FLEET = os.environ.get("DJM_E2E_FLEET", "djme2e")
+# Reuse the fleet FLEET as it is (serving v1 with data, idle) instead of making one: `make test` hands
+# the tests the fleet of the root Molecule scenario. It is removed afterwards all the same.
+REUSE = os.environ.get("DJM_E2E_REUSE") == "1"
 INVENTORY = REPO / "inventories" / "local" / f"{FLEET}-hosts.yml"
 LOGS = REPO / "build" / "e2e"
 PYTHON_VERSION = "3.11.2"
@@ -241,12 +245,19 @@ def e2e() -> Iterator[E2E]:
     if os.geteuid() != 0 or shutil.which("podman") is None:
         pytest.fail("the end-to-end tests need root and podman: run `make setup`")
     started = time.monotonic()
-    port = int(os.environ.get("DJM_E2E_HTTP_PORT") or free_port())
-    sh([sys.executable, "scripts/fleet.py", "images"])
-    # Always a new fleet: one left by an interrupted session holds that session's releases and runs.
-    sh([sys.executable, "scripts/fleet.py", "down", "--name", FLEET], check=False)
-    sh([sys.executable, "scripts/fleet.py", "up", "--name", FLEET, "--apps", "3", "--http-port", str(port),
-        "--inventory", str(INVENTORY)])  # fmt: skip
+    state = REPO / ".fleet" / FLEET / "state.json"
+    if REUSE:
+        # `make test`: the fleet the root Molecule scenario left (DJM_MOLECULE_KEEP=1), v1 with its data.
+        if not state.is_file():
+            pytest.fail(f"DJM_E2E_REUSE=1: no fleet {FLEET} to reuse ({state} is missing)")
+        port = int(json.loads(state.read_text())["http_port"])
+    else:
+        port = int(os.environ.get("DJM_E2E_HTTP_PORT") or free_port())
+        sh([sys.executable, "scripts/fleet.py", "images"])
+        # Always a new fleet: one left by an interrupted session holds that session's releases and runs.
+        sh([sys.executable, "scripts/fleet.py", "down", "--name", FLEET], check=False)
+        sh([sys.executable, "scripts/fleet.py", "up", "--name", FLEET, "--apps", "3", "--http-port", str(port),
+            "--inventory", str(INVENTORY)])  # fmt: skip
     timings = {"fleet up": time.monotonic() - started}
     try:
         sh([sys.executable, "scripts/build_release.py", "all"])
@@ -257,12 +268,17 @@ def e2e() -> Iterator[E2E]:
             for host, values in (group.get("hosts") or {}).items():
                 hostvars[host] = {**inventory["all"].get("vars", {}), **(values or {})}
         fleet = E2E(port, hostvars, json.loads((REPO / ".fleet" / FLEET / "secrets.json").read_text()), timings)
-        t = time.monotonic()
-        fleet.playbook("playbooks/deploy.yml", check=True, log="deploy-v1")
-        timings["deploy v1"] = time.monotonic() - t
-        t = time.monotonic()
-        demo.fill_database(FLEET, INVENTORY, "3MB")
-        timings["data"] = time.monotonic() - t
+        if REUSE:
+            serving, lock = fleet.serving(), fleet.lock()
+            if set(serving.values()) != {"v1"} or lock is not None or not fleet.checkout_works():
+                pytest.fail(f"DJM_E2E_REUSE=1: fleet {FLEET} is not idle on v1 (serving {serving}, lock {lock})")
+        else:
+            t = time.monotonic()
+            fleet.playbook("playbooks/deploy.yml", check=True, log="deploy-v1")
+            timings["deploy v1"] = time.monotonic() - t
+            t = time.monotonic()
+            demo.fill_database(FLEET, INVENTORY, "3MB")
+            timings["data"] = time.monotonic() - t
         yield fleet
     finally:
         print("\ne2e timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
