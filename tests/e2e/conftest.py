@@ -4,9 +4,10 @@ The session fixture `e2e` brings up its own fleet (lb1, app1..app3 on Debian 11,
 DJM_E2E_FLEET (default `djme2e`; two sessions running at once need two names), lb1 on host port
 DJM_E2E_HTTP_PORT (default: a free one), deploys the fixture's v1 with playbooks/deploy.yml, loads
 a little generated data (DJM_E2E_REUSE=1 takes the fleet DJM_E2E_FLEET as it is instead, idle on v1
-with its data: `make test` hands over the root Molecule scenario's), and hands the tests helpers to run the operator's commands, send steady
-traffic through lb1 (scripts/loadgen.py) and look at the hosts over SSH. Every test leaves the
-fleet serving v1 (through the product's own rollback), so the tests share it. `DJM_E2E_KEEP=1` keeps the fleet afterwards.
+with its data: `make test` hands over the root Molecule scenario's), and hands the tests helpers to
+run the operator's commands, send steady traffic through lb1 (scripts/loadgen.py) and look at the
+hosts over SSH. Every test leaves the fleet serving v1 (through the product's own rollback), so the
+tests share it. `DJM_E2E_KEEP=1` keeps the fleet afterwards.
 """
 
 from __future__ import annotations
