@@ -286,15 +286,19 @@ def test_rollback_modes_refuse_what_would_break_or_lose_and_restore_keeps_the_re
     e2e.ssh("db1", "sudo -u postgres psql -X -q -c 'ALTER DATABASE acme WITH ALLOW_CONNECTIONS false'"
                    " -c 'CREATE DATABASE \"acme__restore_20260101T000000Z\"'")  # fmt: skip
 
-    # restore, discarding those writes on purpose: they stay in the replaced database.
-    accepted = e2e.rollback("-e", "rollback_mode=restore", "-e", "rollback_accept_data_loss=true", log="rollback-restore")
+    # restore, discarding those writes on purpose: they stay in the replaced database. Under the same
+    # traffic: the window is still open, so users see only the maintenance page until it closes on v1.
+    with e2e.load("rollback-restore", rate=10, preflight=False) as during:
+        accepted = e2e.rollback("-e", "rollback_mode=restore", "-e", "rollback_accept_data_loss=true", log="rollback-restore")
     said = " ".join(accepted.output.split())  # the callback folds long messages over lines
     assert "re-allowed connections to acme" in said and "dropped acme__restore_20260101T000000Z" in said, said[-3000:]
     record = e2e.run_record()
     failed_db = record["restored"]["failed_db"]
     print(f"\nrollback restore: {accepted.seconds:.0f}s, maintenance {record['maintenance'].get('seconds')}s,"
-          f" {len(acknowledged)} orders kept in {failed_db}")  # fmt: skip
+          f" {len(acknowledged)} orders kept in {failed_db}; during it {during.summary.get('total')} requests,"
+          f" failures {failures(during)}")  # fmt: skip
     assert record["converge"]["mode"] == "restore" and failed_db
+    assert set(failures(during)) <= {"503"} and during.missing_orders == 0, (failures(during), during.verify_output)
     kept = e2e.ssh("db1", f"sudo -u postgres psql -X -At -d {failed_db} -c "
                           f"'SELECT count(*) FROM orders WHERE id IN ({','.join(map(str, acknowledged))})'")  # fmt: skip
     assert int(kept) == len(acknowledged)
