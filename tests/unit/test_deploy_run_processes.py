@@ -102,32 +102,41 @@ def test_an_empty_prefix_is_refused(tmp_path: Path) -> None:
     assert result["failed"] and "prefix must not be empty" in result["msg"]
 
 
-def test_reports_the_tcp_connections_the_stopped_processes_held(tmp_path: Path) -> None:
-    """A session on a remote PostgreSQL is found there by the client's address and port: the module
-    reads them before any signal, over IPv4 and IPv6."""
+def test_after_stopping_reports_which_client_sockets_to_the_peer_port_are_still_open(tmp_path: Path) -> None:
+    """A database session whose client is dead is found on the database host by its client address
+    and port: after the stop, the stopped process's socket is closed on this host (FIN_WAIT, or gone)
+    while a live client's is open. Read from the network namespace, without other users' fds."""
     listeners = [socket.create_server(("127.0.0.1", 0)), socket.create_server(("::1", 0), family=socket.AF_INET6)]
-    clients = []
-    for listener in listeners:
-        host, port = listener.getsockname()[:2]
-        script = f"import socket, time; s = socket.create_connection(({host!r}, {port})); time.sleep(300)"
-        env = {**os.environ, "PGAPPNAME": "djm:shop:run-old"}
-        clients.append(subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True))
+    marked, live = [], []
     try:
-        accepted = [listener.accept()[0] for listener in listeners]
-        result = call(tmp_path, prefix="djm:shop:", keep="djm:shop:run-now", timeout=2)
-        held = {(c["pid"], c["local_addr"], c["local_port"], c["remote_addr"], c["remote_port"]) for c in result["connections"]}
-        for client, conn, listener in zip(clients, accepted, listeners):
-            peer_host, peer_port = conn.getpeername()[:2]
-            host, port = listener.getsockname()[:2]
-            assert (client.pid, peer_host, peer_port, host, port) in held, result["connections"]
-            client.wait(timeout=10)
-    finally:
-        for client in clients:
-            if client.poll() is None:
-                client.kill()
-            client.wait()
         for listener in listeners:
-            listener.close()
+            host, port = listener.getsockname()[:2]
+            script = f"import socket, time; s = socket.create_connection(({host!r}, {port})); time.sleep(300)"
+            env = {**os.environ, "PGAPPNAME": "djm:shop:run-old"}
+            marked.append(subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True))
+            live.append(socket.create_connection((host, port)))
+        accepted = [listener.accept()[0] for listener in listeners for _ in range(2)]
+        for index, listener in enumerate(listeners):
+            port = listener.getsockname()[1]
+            result = call(tmp_path, prefix="djm:shop:", keep="djm:shop:run-now", timeout=2, peer_port=port)
+            # The first call stops both marked clients; the second finds nothing left to stop.
+            assert result["changed"] == (index == 0) and time.time() - 60 < result["read_at"] <= time.time()
+            open_ports = {tuple(pair) for pair in result["sockets"]}
+            client = next(c for c in live if c.getpeername()[1] == port)
+            assert tuple(client.getsockname()[:2]) in open_ports, (client.getsockname(), open_ports)
+            assert len(open_ports) == 1, open_ports  # the stopped client's socket is closed
+            assert "127.0.0.1" in result["addresses"] and "::1" in result["addresses"]
+        for proc in marked:
+            proc.wait(timeout=10)
+        assert call(tmp_path, prefix="djm:shop:", keep="x")["sockets"] == []  # no peer_port: nothing read
+        del accepted
+    finally:
+        for proc in marked:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        for sock in live + listeners:
+            sock.close()
 
 
 def test_addresses_as_the_kernel_writes_them() -> None:

@@ -14,10 +14,12 @@ description:
   - Finds every process whose environment has C(PGAPPNAME) starting with I(prefix), other than I(keep)
     (the calling run's marker), adds their descendants, sends them SIGTERM, waits up to I(timeout)
     seconds, then sends SIGKILL to what is left. Never touches its own process or its ancestors.
-  - Reports the TCP connections those processes held (read before any signal): a session they opened
-    on a remote PostgreSQL is found there by its client address and port, whatever C(application_name)
-    the project's settings give it, and can be ended (a backend waiting for a lock does not notice
-    that its client died).
+  - With I(peer_port), also reports, after the processes are gone, this host's addresses and the TCP
+    sockets to that port whose client side is still open (read from the network namespace, which
+    needs no access to other users' file descriptors). On the database host, a session from one of
+    these addresses whose client port is not among them has a dead client: a backend waiting for a
+    lock does not notice that its client died, and it keeps the lock queue blocked. The project's
+    own settings may give its sessions any C(application_name), so the marker alone cannot find them.
   - In check mode, only reports what it would stop.
 options:
   prefix:
@@ -32,6 +34,10 @@ options:
     description: Seconds to wait after SIGTERM before SIGKILL.
     type: int
     default: 10
+  peer_port:
+    description: Report the sockets of this host to this remote port (the database's); 0 for none.
+    type: int
+    default: 0
 """
 
 RETURN = r"""
@@ -43,9 +49,17 @@ killed:
   description: Pids that survived SIGTERM for I(timeout) seconds and got SIGKILL.
   type: list
   returned: always
-connections:
-  description: Established TCP connections of those processes (pid, local_addr, local_port, remote_addr, remote_port).
+addresses:
+  description: This host's IP addresses (with I(peer_port)).
   type: list
+  returned: always
+sockets:
+  description: The sockets to I(peer_port) whose client side is open, as [address, port] (with I(peer_port)).
+  type: list
+  returned: always
+read_at:
+  description: When the sockets were read (seconds since the epoch); a session younger than that is left alone.
+  type: float
   returned: always
 """
 
@@ -99,31 +113,38 @@ def address(hex_address):
     return str(getattr(ip, "ipv4_mapped", None) or ip), int(port, 16)
 
 
-def connections(pids):
-    """Established TCP connections held by pids, read from their fds and their network namespace."""
+# The client side is still open: established, connecting, or the server closed first. A client that
+# closed or died leaves FIN_WAIT1/2, CLOSING, TIME_WAIT or nothing.
+OPEN_STATES = {"01", "02", "08", "09"}  # ESTABLISHED, SYN_SENT, CLOSE_WAIT, LAST_ACK
+
+
+def sockets(peer_port):
+    """[address, port] of this network namespace's TCP sockets to peer_port whose client side is open."""
     found = []
-    for pid in pids:
-        inodes = set()
-        fd_dir = f"/proc/{pid}/fd"
-        try:
-            fds = os.listdir(fd_dir)
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(os.path.join(fd_dir, fd))
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-        for table_name in ("tcp", "tcp6"):
-            for line in read(f"/proc/{pid}/net/{table_name}").decode("ascii", "replace").splitlines()[1:]:
-                fields = line.split()
-                if len(fields) > 9 and fields[3] == "01" and fields[9] in inodes:
-                    local, remote = address(fields[1]), address(fields[2])
-                    found.append({"pid": pid, "local_addr": local[0], "local_port": local[1],
-                                  "remote_addr": remote[0], "remote_port": remote[1]})  # fmt: skip
+    for table_name in ("tcp", "tcp6"):
+        for line in read(f"/proc/net/{table_name}").decode("ascii", "replace").splitlines()[1:]:
+            fields = line.split()
+            if len(fields) > 3 and fields[3] in OPEN_STATES:
+                local, remote = address(fields[1]), address(fields[2])
+                if remote[1] == peer_port:
+                    found.append(list(local))
     return found
+
+
+def addresses():
+    """This host's IPv4 (/proc/net/fib_trie: the LOCAL /32 entries) and IPv6 (/proc/net/if_inet6) addresses."""
+    found = set()
+    previous = ""
+    for line in read("/proc/net/fib_trie").decode("ascii", "replace").splitlines():
+        text = line.strip()
+        if text.startswith("/32 host LOCAL") and previous:
+            found.add(previous)
+        previous = text[4:] if text.startswith("|-- ") else ""
+    for line in read("/proc/net/if_inet6").decode("ascii", "replace").splitlines():
+        fields = line.split()
+        if fields:
+            found.add(str(ipaddress.ip_address(bytes.fromhex(fields[0]))))
+    return sorted(found)
 
 
 def orphans(processes, prefix, keep, me):
@@ -169,6 +190,7 @@ def main():
             "prefix": {"type": "str", "required": True},
             "keep": {"type": "str", "default": ""},
             "timeout": {"type": "int", "default": 10},
+            "peer_port": {"type": "int", "default": 0},
         },
         supports_check_mode=True,
     )
@@ -178,9 +200,15 @@ def main():
     processes = table("/proc")
     pids = orphans(processes, prefix, keep, os.getpid())
     found = [{"pid": pid, "marker": processes[pid][1], "args": processes[pid][2]} for pid in pids]
-    held = connections(pids)
+
+    def done(**result):
+        peer_port = module.params["peer_port"]
+        read_at = time.time()
+        network = {"addresses": addresses(), "sockets": sockets(peer_port)} if peer_port else {"addresses": [], "sockets": []}
+        module.exit_json(processes=found, read_at=read_at, **network, **result)
+
     if module.check_mode or not pids:
-        module.exit_json(changed=bool(pids), processes=found, killed=[], connections=held)
+        done(changed=bool(pids), killed=[])
     signal_all(pids, signal.SIGTERM)
     deadline = time.monotonic() + module.params["timeout"]
     while time.monotonic() < deadline and any(alive(pid) for pid in pids):
@@ -192,9 +220,8 @@ def main():
         time.sleep(0.2)
     left = [pid for pid in killed if alive(pid)]
     if left:
-        message = f"processes {left} of another run survived SIGKILL"
-        module.fail_json(msg=message, processes=found, killed=killed, connections=held)
-    module.exit_json(changed=True, processes=found, killed=killed, connections=held)
+        module.fail_json(msg=f"processes {left} of another run survived SIGKILL", processes=found, killed=killed)
+    done(changed=True, killed=killed)
 
 
 if __name__ == "__main__":
