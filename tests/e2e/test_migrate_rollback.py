@@ -102,17 +102,25 @@ def test_failed_migration_restores_automatically_without_flags(e2e: E2E) -> None
 
 
 def test_two_phase_failed_health_gate_switches_back_and_the_next_run_finishes_the_contract(e2e: E2E) -> None:
-    """v2-bad-health in two_phase: expand, the gate fails on a host, every host back on v1 (code), the
-    expanded schema kept with its contract pending; migrate.yml to v2 then finishes it."""
-    with e2e.load("migrate-v2-bad-health") as load:
-        run = e2e.migrate("v2-bad-health", check=False)
+    """v2 in two_phase with its health check broken on the second host only (the page layout its
+    /healthz renders moved away in app2's copy of the release, which prepare keeps): expand, app1
+    switches and serves v2, app2's gate fails, every host back on v1 (code), the expanded schema kept
+    with its contract pending; migrate.yml to v2 then finishes it."""
+    layout = "/srv/acme/releases/v2/acme/templates/acme/base.html"
+    e2e.ssh("app2", f"sudo test -f {layout} && sudo mv {layout} {layout}.away")
+    try:
+        with e2e.load("migrate-v2-bad-health") as load:
+            run = e2e.migrate("v2", check=False, log="migrate-v2-bad-health-on-app2")
+    finally:
+        e2e.ssh("app2", f"sudo mv {layout}.away {layout}")
     record = e2e.run_record()
-    print(f"\nmigrate v1->v2-bad-health two_phase: {run.seconds:.0f}s, load {load.summary['total']} requests,"
+    print(f"\nmigrate v1->v2 two_phase, gate failing on app2: {run.seconds:.0f}s, load {load.summary['total']} requests,"
           f" failures {failures(load)} (by kind {load.summary['failures_by_kind']}), missing {load.missing_orders};"
           f" stages {stage_seconds(record)}")  # fmt: skip
     assert run.rc != 0 and "failed at stage switch" in run.output
     assert record["strategy"] == "two_phase" and record["result"] == "rolled_back", record
-    assert record["failure"]["stage"] == "switch"
+    # app1 went first and passed its gate: a host that served v2 was switched back.
+    assert record["failure"]["stage"] == "switch" and record["failure"]["host"] == "app2", record["failure"]
     assert record["converge"]["mode"] == "code"  # the database untouched
     assert record["contract_pending"] is True and len(record["two_phase"]["deferred_pending"]) == 2
     assert "Contract pending" in run.output
