@@ -98,6 +98,10 @@ def test_failed_migration_restores_automatically_without_flags(e2e: E2E) -> None
     assert record["converge"]["mode"] == "restore", record["converge"]
     assert "failed at stage migrate" in run.output
     assert e2e.backup_matches_live(record["backup_id"])
+    # The restore ended every session of the workers, which stayed on v1: each was restarted, so none
+    # answers its next request with the dead connection (the fixture keeps connections 60 s).
+    statuses = [e2e.get("/healthz")[0] for _ in range(40)]
+    assert statuses == [200] * 40, statuses
     assert_back_on_v1(e2e)
 
 
