@@ -111,7 +111,10 @@ def test_two_phase_failed_health_gate_switches_back_and_the_next_run_finishes_th
     switches and serves v2, app2's gate fails, every host back on v1 (code), the expanded schema kept
     with its contract pending; migrate.yml to v2 then finishes it."""
     layout = "/srv/acme/releases/v2/acme/templates/acme/base.html"
-    e2e.ssh("app2", f"sudo test -f {layout} && sudo mv {layout} {layout}.away")
+    if e2e.ssh("app2", f"sudo test -f {layout}; echo $?") != "0":
+        # v2 is not prepared yet (this test runs alone): a plan-only run prepares it and changes nothing else.
+        e2e.migrate("v2", "-e", "migrate_plan_only=true", log="prepare-v2")
+    e2e.ssh("app2", f"sudo mv {layout} {layout}.away")
     try:
         with e2e.load("migrate-v2-bad-health") as load:
             run = e2e.migrate("v2", check=False, log="migrate-v2-bad-health-on-app2")
