@@ -233,6 +233,23 @@ class E2E:
             with contextlib.suppress(ValueError):
                 load.missing_orders = len(json.loads(verify.stdout)["missing"])
 
+    @contextlib.contextmanager
+    def products_held(self) -> Iterator[None]:
+        """A long transaction that has read products (ACCESS SHARE) for the duration of the block: any
+        ALTER TABLE on it waits, and so does every query queued behind that ALTER."""
+        blocker = subprocess.Popen(shlex.split(self.psql_cmd()), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, text=True, env=ENV)  # fmt: skip
+        assert blocker.stdin is not None
+        blocker.stdin.write("BEGIN; SELECT count(*) FROM products; SELECT pg_sleep(1800);\n")
+        blocker.stdin.flush()
+        try:
+            yield
+        finally:
+            self.sql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                     " WHERE query LIKE '%pg_sleep(1800)%' AND pid <> pg_backend_pid()")  # fmt: skip
+            blocker.kill()
+            blocker.wait()
+
     def psql_cmd(self) -> str:
         hv = self.hostvars["db1"]
         return shlex.join(

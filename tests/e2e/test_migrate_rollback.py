@@ -12,7 +12,6 @@ import datetime
 import io
 import json
 import os
-import shlex
 import signal
 import subprocess
 import time
@@ -253,21 +252,11 @@ def test_controller_killed_mid_migration_leaves_nothing_running_that_could_apply
     applied = "SELECT string_agg(app || '.' || name, ',' ORDER BY app, name) FROM django_migrations"
     before = e2e.sql(applied)
     waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = 'acme' AND wait_event_type = 'Lock'"
-    blocker = subprocess.Popen(shlex.split(e2e.psql_cmd()), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, text=True, env=ENV)  # fmt: skip
-    assert blocker.stdin is not None
-    blocker.stdin.write("BEGIN; SELECT count(*) FROM products; SELECT pg_sleep(1800);\n")
-    blocker.stdin.flush()
-    try:
+    with e2e.products_held():
         run_and_kill("migrate-killed-migrating", lambda _: e2e.sql(waiting) != "0", "-e", "migrate_strategy=rolling")
         time.sleep(3)
         assert e2e.sql(waiting) != "0", "the killed run's migration no longer waits: nothing was left running"
         rollback = e2e.rollback(log="rollback-after-killed-migration")
-    finally:
-        e2e.sql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                " WHERE query LIKE '%pg_sleep(1800)%' AND pid <> pg_backend_pid()")  # fmt: skip
-        blocker.kill()
-        blocker.wait()
     said = " ".join(rollback.output.split())
     print(f"\nrollback after a kill mid-migration: {rollback.seconds:.0f}s")
     assert "left running" in said, said[-3000:]
@@ -325,21 +314,11 @@ def test_a_lock_held_on_products_trips_the_lock_timeout_and_the_run_goes_back_wi
     """A long transaction holds products: expand's ALTER TABLE waits lock_timeout (2 s here), retries,
     then the run fails cleanly and switches back; the site is never blocked longer than the timeout
     (a request blocked longer would time out in the load generator, whose limit is 5 s)."""
-    blocker = subprocess.Popen(shlex.split(e2e.psql_cmd()), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, text=True, env=ENV)  # fmt: skip
-    assert blocker.stdin is not None
-    blocker.stdin.write("BEGIN; SELECT count(*) FROM products; SELECT pg_sleep(1800);\n")
-    blocker.stdin.flush()
-    try:
+    with e2e.products_held():
         time.sleep(2)
         with e2e.load("migrate-v2-lock-timeout") as load:
             run = e2e.migrate("v2", "-e", "django_release_two_phase_lock_timeout=2s", "-e", "django_release_two_phase_retries=2",
                               check=False, log="migrate-v2-lock-timeout")  # fmt: skip
-    finally:
-        e2e.sql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                " WHERE query LIKE '%pg_sleep(1800)%' AND pid <> pg_backend_pid()")  # fmt: skip
-        blocker.kill()
-        blocker.wait()
     record = e2e.run_record()
     checkout = load.summary["by_kind"].get("checkout", {}).get("latency_ms", {})
     print(f"\nmigrate v2 with products locked: {run.seconds:.0f}s, failures {failures(load)}, checkout latency ms {checkout},"
