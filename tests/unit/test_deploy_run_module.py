@@ -302,6 +302,19 @@ def test_check_mode_reports_changes_and_writes_nothing(state: State) -> None:
     assert not (state.root / "lock.json").exists()
 
 
+def test_a_check_mode_run_carries_its_record_in_memory_and_writes_nothing(state: State) -> None:
+    # A whole --check run: start writes nothing, so each later call passes the record it was given back.
+    started = state.call("start", "run-1", check=True, stage="prepare", data={"to_release": "v2"})["run"]
+    planned = state.call("update", "run-1", check=True, stage="plan", data={"strategy": "rolling"}, check_record=started)["run"]
+    assert planned["to_release"] == "v2" and planned["strategy"] == "rolling" and set(planned["stages"]) == {"prepare", "plan"}
+    finished = state.call("finish", "run-1", check=True, data={"result": "planned"}, check_record=planned)["run"]
+    assert finished["result"] == "planned" and "finished" in finished
+    # Another run's record is not taken for this one's, and outside check mode the record must exist.
+    assert state.call("update", "run-2", check=True, check_record=planned)["failed"] is True
+    assert not state.dir.exists()
+    assert state.call("update", "run-1", check_record=planned)["failed"] is True
+
+
 def test_refusals_hold_in_check_mode(state: State) -> None:
     state.ok("lock", "run-1")
     assert state.call("lock", "run-2", check=True)["held"] is True

@@ -49,6 +49,12 @@ options:
     description: lock/unlock. Replace or remove a lock held by another run (breaking a stale lock).
     type: bool
     default: false
+  check_record:
+    description: >-
+      update/finish in check mode. The record as the caller knows it (its check-mode start wrote
+      nothing), used when the record does not exist on the host; ignored otherwise.
+    type: dict
+    default: {}
 """
 
 # An Ansible module documents itself before its imports (ansible-test's validate-modules order).
@@ -132,6 +138,7 @@ def main():
             "data": {"type": "dict", "default": {}},
             "stage": {"type": "str", "default": ""},
             "force": {"type": "bool", "default": False},
+            "check_record": {"type": "dict", "default": {}},
         },
         supports_check_mode=True,
     )
@@ -202,6 +209,8 @@ def main():
     # Each write below happens only when it changes something, and is reported (in check mode too):
     # the same call made twice is unchanged the second time.
     record = read_json(run_path)
+    if record is None and module.check_mode and action != "start" and p["check_record"].get("run_id") == run_id:
+        record = dict(p["check_record"])  # a check-mode run: its start wrote nothing
     if record is None:
         if action != "start":
             module.fail_json(msg=f"run {run_id} has no record in {runs}")
