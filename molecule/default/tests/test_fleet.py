@@ -10,6 +10,8 @@ lost order. The fixture's project is `acme` (inventories/local/group_vars/all/pr
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ REPO = Path(__file__).resolve().parents[3]
 LOGS = REPO / "build" / "molecule-root"
 STATE = "/var/lib/djm/acme"
 PYTHON = "3.11.2"
+FLEET = os.environ.get("DJM_MOLECULE_FLEET") or "djmmol"
 
 
 def role(host: Any) -> str:
@@ -104,6 +107,13 @@ def test_db_keeps_the_verified_backup_of_the_run_and_its_history(host: Any) -> N
     assert host.file(f"/var/backups/postgresql/{migrate['backup_id']}/manifest.json").mode & 0o077 == 0
 
 
+def test_the_controller_keeps_a_copy_of_the_history(host: Any) -> None:
+    only(host, "db")
+    lines = (REPO / "build" / "deploys" / "acme" / "history.jsonl").read_text().splitlines()
+    copy = [json.loads(line) for line in lines if line.strip()]
+    assert copy[-3:] == history(host), (copy[-3:], history(host))
+
+
 def test_the_migrate_failed_no_request_and_lost_no_order() -> None:
     runs = loads("migrate-v2")
     assert len(runs) == 2  # converge, then idempotence
@@ -111,9 +121,51 @@ def test_the_migrate_failed_no_request_and_lost_no_order() -> None:
         assert summary["failed"] == 0 and summary["total"] > 0, summary["failures_by_status"]
         assert verify["missing"] == [], verify
     assert runs[0][0]["orders_acknowledged"] > 0
+    # The canary (migrate_canary_seconds=10) answered alone, through HAProxy, without an error.
+    first_log = sorted(LOGS.glob("*-migrate-v2.log"))[0].read_text()
+    canary = re.search(r"Canary\s+app1:\s+(\d+)\s+errors\s+in\s+(\d+)\s+responses\s+in\s+10\s+s", first_log)
+    assert canary and canary.group(1) == "0" and int(canary.group(2)) > 0, canary
 
 
 def test_the_rollback_answered_only_the_maintenance_page_and_lost_no_order() -> None:
     ((summary, verify),) = loads("rollback")
     assert set(summary["failures_by_status"]) <= {"503"}, summary["failures_by_status"]
     assert verify["missing"] == [], verify
+
+
+# ---------------------------------------------------------------- secrets
+# The database password and the secret key of this fleet (its stand-in for a vault file), looked for
+# in everything the runs left: the commands' whole output at -vvv, the process lists sampled on every
+# host twice a second during them, each host's journal, and the run records and history on the hosts.
+
+
+def secrets() -> dict[str, str]:
+    return json.loads((REPO / ".fleet" / FLEET / "secrets.json").read_text())
+
+
+def leaks(text: str, where: str) -> list[str]:
+    return [f"{name} in {where}" for name, value in secrets().items() if len(value) >= 8 and value in text]
+
+
+def test_the_secret_scan_finds_a_secret_where_there_is_one() -> None:
+    assert len(secrets()) == 2
+    for name, value in secrets().items():
+        assert leaks(f"PGPASSWORD={value} psql", "a planted line") == [f"{name} in a planted line"]
+
+
+def test_no_secret_in_the_commands_output_or_in_any_process_list_during_them() -> None:
+    logs = sorted(LOGS.glob("*-migrate-v2.log")) + sorted(LOGS.glob("*-rollback.log"))
+    samples = sorted(LOGS.glob("ps-*.txt"))
+    assert len(logs) == 3 and all("ESTABLISH SSH CONNECTION" in log.read_text() for log in logs)  # -vvv
+    assert len(samples) == 3 * 5 and all(sample.read_text().count("\n---\n") >= 10 for sample in samples)
+    assert sum("BECOME-SUCCESS" in sample.read_text() for sample in samples) >= 10  # it saw the modules at work
+    hits = [hit for path in logs + samples for hit in leaks(path.read_text(errors="replace"), path.name)]
+    assert hits == []
+
+
+def test_no_secret_in_the_journal_or_the_run_records(host: Any) -> None:
+    journal = host.run("journalctl --no-pager --output=cat")
+    assert journal.rc == 0 and len(journal.stdout) > 1000
+    records = host.run("find /var/lib/djm -type f \\( -name '*.json' -o -name '*.jsonl' \\) -exec cat {} + 2>/dev/null").stdout
+    hits = leaks(journal.stdout, f"{role(host)}'s journal") + leaks(records, f"{role(host)}'s run records")
+    assert hits == []
