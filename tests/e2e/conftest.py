@@ -99,8 +99,10 @@ class E2E:
     timings: dict[str, float] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ commands
-    def playbook(self, name: str, *args: str, check: bool = False, log: str = "", timeout: float = 1800) -> Run:
-        argv = ["ansible-playbook", "-i", str(INVENTORY), name, *args]
+    def playbook(
+        self, name: str, *args: str, check: bool = False, log: str = "", timeout: float = 1800, inventory: Path = INVENTORY
+    ) -> Run:
+        argv = ["ansible-playbook", "-i", str(inventory), name, *args]
         started = time.monotonic()
         proc = subprocess.run(
             argv, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout, check=False

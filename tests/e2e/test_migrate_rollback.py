@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import yaml
 from conftest import E2E, ENV, FLEET, INVENTORY, LOGS, PYTHON_VERSION, REPO
 
 
@@ -305,6 +306,91 @@ def test_a_database_refusing_the_app_stops_the_run_in_preflight(e2e: E2E) -> Non
     assert_back_on_v1(e2e)
 
 
+def one_line(pattern: str) -> str:
+    """A regex for a message the callback may fold over lines: any run of spaces matches any whitespace."""
+    return re.escape(pattern).replace(r"\ ", r"\s+")
+
+
+def test_bad_input_is_refused_in_one_line_and_nothing_served_changes(e2e: E2E, tmp_path: Any) -> None:
+    """Each mistake in the command or the inventory: non-zero exit, one line naming it, every host still on v1,
+    the database's migrations and the lock as they were. What the inventory shows stops before the lock; what
+    only the hosts can tell (a source that is not the Python asked for, a wrong sha256) stops in prepare, on
+    the build host, before any host installs anything, and the run is recorded as undone by code."""
+    applied = "SELECT string_agg(app || '.' || name, ',' ORDER BY app, name) FROM django_migrations"
+    before = e2e.sql(applied)
+    misspelt = yaml.safe_load(INVENTORY.read_text())
+    misspelt["all"]["children"]["apps"] = misspelt["all"]["children"].pop("app")
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(misspelt))
+    cases = [
+        ("unknown release", ["v9"], True, "Release v9 has no artefact at"),
+        ("missing variable", ["v2", "-e", "project_db_name="], True, "Variable 'project_db_name' is not set for host app1"),
+        ("misspelt group", ["v2"], True, "Inventory group 'app' is missing"),
+        # The source file is Python 3.11.2's: no build of 3.99.0 can come out of it.
+        ("a Python the source cannot build", ["v2", "-e", "project_python_version=3.99.0"], False,
+         "holds Python-3.11.2, not Python 3.99.0"),
+        ("wrong sha256", ["v2", "-e", "project_python_version=3.11.3", "-e", "python_runtime_source_sha256=" + "0" * 64], False,
+         "python_runtime_source_sha256 says " + "0" * 64 + ": fix the file or the checksum"),
+    ]  # fmt: skip
+    for name, (release, *args), before_lock, cause in cases:
+        last_run = e2e.run_record().get("run_id")
+        if name == "misspelt group":
+            run = e2e.playbook("migrate.yml", "-e", "project_release_id=v2", inventory=tmp_path / "hosts.yml", log="bad-group")
+        else:
+            run = e2e.migrate(release, *args, check=False, log="bad-" + name.replace(" ", "-"))
+        print(f"\nbad input, {name}: exit {run.rc} after {run.seconds:.0f}s: {run.failed_line[:300]}")
+        assert run.rc != 0, name
+        assert re.search(one_line(cause), run.output), (name, run.failed_line)
+        if before_lock:
+            assert "TASK [Take the deploy lock" not in run.output and e2e.run_record().get("run_id") == last_run, name
+        else:
+            record = e2e.run_record()
+            assert record["run_id"] != last_run and record["failure"]["stage"] == "prepare", (name, record.get("failure"))
+            assert record["result"] == "rolled_back" and record["converge"]["mode"] == "code", (name, record.get("converge"))
+            installed = e2e.ssh("app2", "ls /opt/python 2>/dev/null || true")
+            assert "3.99.0" not in installed and "3.11.3" not in installed, installed
+        assert set(e2e.serving().values()) == {"v1"} and e2e.lock() is None, name
+        assert e2e.sql(applied) == before, name
+    assert_back_on_v1(e2e)
+
+
+def test_a_backup_directory_without_room_stops_the_run_before_the_lock(e2e: E2E) -> None:
+    """The backup directory on a 1 MiB filesystem (the database is a few MB): the run stops in preflight, one
+    line naming the space needed and free, before the lock, the prepare or the window."""
+    last_run = e2e.run_record().get("run_id")
+    e2e.ssh("db1", "sudo mkdir -p /mnt/djm-small && sudo mount -t tmpfs -o size=1m tmpfs /mnt/djm-small"
+                   " && sudo install -d -o postgres -g postgres -m 0700 /mnt/djm-small/backups")  # fmt: skip
+    try:
+        run = e2e.migrate("v2", "-e", "pg_backup_dir=/mnt/djm-small/backups", check=False, log="migrate-backup-full")
+    finally:
+        e2e.ssh("db1", "sudo umount /mnt/djm-small")
+    print(f"\nbackup directory without room: exit {run.rc} after {run.seconds:.0f}s: {run.failed_line[:300]}")
+    assert run.rc != 0
+    assert re.search(one_line("pg_backup preflight failed for acme:") + r"[\s\S]*?/mnt/djm-small", run.output), run.failed_line
+    assert "TASK [Take the deploy lock" not in run.output and e2e.run_record().get("run_id") == last_run
+    assert_back_on_v1(e2e)
+
+
+def test_the_runtime_failing_to_install_on_one_host_switches_no_host(e2e: E2E) -> None:
+    """Python 3.11.2 cannot be put in place on app2 alone (a file where its directory goes); app1 and app3
+    prepare v2. The run fails in prepare and no host is switched or migrated."""
+    prepare_v2(e2e)  # the runtime in place on every app host, as a run before this one left it
+    applied = "SELECT count(*) FROM django_migrations"
+    before = e2e.sql(applied)
+    runtime = f"/opt/python/{PYTHON_VERSION}"
+    e2e.ssh("app2", f"sudo mv {runtime} {runtime}.aside && sudo touch {runtime}")
+    try:
+        run = e2e.migrate("v2", check=False, log="migrate-runtime-fails-on-app2")
+    finally:
+        e2e.ssh("app2", f"sudo rm -f {runtime} && sudo mv {runtime}.aside {runtime}")
+    record = e2e.run_record()
+    print(f"\nruntime failing on app2: exit {run.rc} after {run.seconds:.0f}s, {stage_seconds(record)}: {run.failed_line[:300]}")
+    assert run.rc != 0
+    assert re.search(one_line("failed at stage prepare on app2"), run.output), run.failed_line
+    assert record["failure"]["host"] == "app2" and record["converge"]["mode"] == "code", record.get("converge")
+    assert "switch" not in record.get("stages", {}) and e2e.sql(applied) == before
+    assert_back_on_v1(e2e)
+
+
 def test_a_second_run_is_refused_and_a_stale_lock_is_reported(e2e: E2E) -> None:
     stale = {"run_id": "20260101T000000Z-dead0", "owner": "someone", "controller": "elsewhere.example",
              "pid": 1, "playbook": "migrate", "target": "v9", "locked_at": "2026-01-01T00:00:00Z"}  # fmt: skip
@@ -385,6 +471,23 @@ def test_rollback_modes_refuse_what_would_break_or_lose_and_restore_keeps_the_re
     code = e2e.rollback("-e", "rollback_mode=code", check=False, log="rollback-code")
     assert code.rc != 0 and "break the code of v1" in code.output, code.output[-3000:]
     assert set(e2e.serving().values()) == {"v2"} and e2e.lock() is None
+
+    # restore from the run's backup damaged since it was taken (one byte of its largest data file): refused
+    # before the window opens; the site goes on serving v2 and the live database is untouched.
+    data = e2e.ssh("db1", f"sudo sh -c 'ls -S /var/backups/postgresql/{e2e.run_record()['backup_id']}/dump/*.dat.gz | head -1'")
+    e2e.ssh("db1", f"sudo cp -a {data} /tmp/djm-intact.dat.gz && printf X | sudo dd of={data} bs=1 seek=99 conv=notrunc")
+    live = snapshot(e2e)
+    try:
+        corrupt = e2e.rollback("-e", "rollback_mode=restore", "-e", "rollback_accept_data_loss=true", check=False, log="corrupt")
+    finally:
+        e2e.ssh("db1", f"sudo cp -a /tmp/djm-intact.dat.gz {data} && sudo rm -f /tmp/djm-intact.dat.gz")
+    print(f"\nrestore from a corrupt backup: exit {corrupt.rc} after {corrupt.seconds:.0f}s: {corrupt.failed_line[:300]}")
+    refused = one_line("did not complete: check on db1: pg_restore refused")
+    assert corrupt.rc != 0 and re.search(refused, corrupt.output), corrupt.failed_line
+    assert re.search(r"corrupt\s+or\s+incomplete[\s\S]*?The\s+site\s+is\s+serving", corrupt.output), corrupt.failed_line
+    after = snapshot(e2e)
+    assert (after["schema"], after["tables"], after["haproxy"]) == (live["schema"], live["tables"], live["haproxy"])
+    assert set(e2e.serving().values()) == {"v2"} and e2e.get("/healthz")[0] == 200 and e2e.lock() is None
 
     # restore: users wrote since the backup (checkouts on v2): refused, the site left in maintenance,
     # nothing discarded.
