@@ -11,7 +11,7 @@ export ANSIBLE_CONFIG  := $(CURDIR)/ansible.cfg
 export ANSIBLE_FORCE_COLOR ?= 0
 export PY_COLORS ?= 0
 
-.PHONY: help setup images fleet-up fleet-down fleet-status lint test-unit test-fast test-molecule test-fleet test-root test-e2e test demo clean
+.PHONY: help setup images fleet-up fleet-down fleet-status lint test-unit test-fast test-molecule test-fleet test-root test-e2e test demo bench clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -51,7 +51,7 @@ test-root: images ## `molecule test` at the root: migrate.yml and rollback.yml u
 	molecule test
 
 test-e2e: images ## migrate.yml and rollback.yml end to end on one shared fleet, under load and on every failure path
-	pytest -q -s -p no:cacheprovider tests/e2e
+	pytest -q -s -p no:cacheprovider --durations=0 tests/e2e
 
 # The end-to-end tests take over the fleet the root scenario leaves (idle on v1, with data): one
 # fleet for both, removed at the end whatever happened.
@@ -68,6 +68,10 @@ test: setup ## Everything CI runs: set-up (idempotent), lint, unit, every Molecu
 
 demo: setup ## The local fleet running the fixture app v1 with generated data, served through lb1 (127.0.0.1:8080)
 	$(PY) scripts/demo.py --apps $(APPS)
+
+bench: images ## Benchmarks, figures not tests (docs/benchmarks.md): the same migrate on 3 and 10 app hosts; BENCH_BACKUP=1 adds backup/restore vs raw pg_dump/pg_restore
+	$(PY) scripts/bench_scale.py
+	@if [ "$(BENCH_BACKUP)" = 1 ]; then $(PY) scripts/bench_backup.py --repeat 3; fi
 
 clean: fleet-down ## fleet-down, then remove build artefacts
 	rm -rf build .cache
