@@ -51,7 +51,8 @@ def timed(argv: list[str], logfile: Path) -> float:
     log("$ " + shlex.join(argv))
     started = time.monotonic()
     with logfile.open("w") as out:
-        rc = subprocess.run(argv, cwd=REPO, env=demo.environment(), stdout=out, stderr=subprocess.STDOUT, check=False).returncode
+        env = {**demo.environment(), "ANSIBLE_CALLBACKS_ENABLED": "ansible.posix.profile_tasks"}  # per-task times in the logs
+        rc = subprocess.run(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, check=False).returncode
     seconds = time.monotonic() - started
     if rc != 0:
         raise SystemExit(f"bench_scale: {shlex.join(argv)} exited {rc} after {seconds:.0f}s; see {logfile}")
