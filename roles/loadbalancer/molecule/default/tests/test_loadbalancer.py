@@ -234,3 +234,26 @@ def test_maintenance_check_mode_opens_nothing_and_does_not_wait_for_requests_in_
             assert_window_closed(each, probe(each))
     finally:
         lb.run(f"systemctl stop {SLOW_REQUEST_UNIT}")
+
+
+def check_results(host) -> dict[str, tuple[str, str]]:
+    """(check_status, check_code) of each backend server, from `show stat`'s named columns."""
+    lines = runtime_api(host, "show stat").splitlines()
+    header = lines[0].lstrip("# ").split(",")
+    rows = [dict(zip(header, line.split(","))) for line in lines[1:]]
+    return {row["svname"]: (row["check_status"].lstrip("* "), row["check_code"]) for row in rows if row.get("svname") in APPS}
+
+
+def test_a_health_page_that_redirects_keeps_the_servers_up():
+    """The health gate takes 2xx and 3xx; HAProxy's check must take the same, or a project whose health
+    page redirects (`/` to `/en/`) has every server DOWN. The tiny server answers /moved with a 301.
+    Last test: it puts /healthz back."""
+    try:
+        run_playbook("converge.yml", {"loadbalancer_health_path": "/moved"})
+        # fall (3) checks 500 ms apart mark a failing server DOWN: wait well past that, then read.
+        time.sleep(5)
+        for lb in every_lb():
+            assert server_status(lb) == dict.fromkeys(APPS, "UP"), (name(lb), check_results(lb))
+            assert check_results(lb) == dict.fromkeys(APPS, ("L7OK", "301")), name(lb)
+    finally:
+        run_playbook("converge.yml")
