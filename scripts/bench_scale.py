@@ -85,17 +85,27 @@ def stage_seconds(record: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def available_mib() -> int:
+    """MemAvailable of this machine, MiB (what the fleet takes shows as its drop)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
 def measure(apps: int, args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     fleet, py = args.fleet, sys.executable
     inventory = REPO / "inventories" / "local" / f"{fleet}-hosts.yml"
     inv = ["-i", str(inventory)]
-    result: dict[str, Any] = {"apps": apps, "load_average_before": os.getloadavg()}
+    result: dict[str, Any] = {"apps": apps, "serial": args.serial, "load_average_before": os.getloadavg()}
     subprocess.run(
         [py, "scripts/fleet.py", "down", "--name", fleet], cwd=REPO, env=demo.environment(), check=False, capture_output=True
     )
+    available_before = available_mib()
     up = ["up", "--name", fleet, "--apps", str(apps), "--http-port", str(args.http_port), "--inventory", str(inventory)]
     result["fleet up"] = timed([py, "scripts/fleet.py", *up], logs / f"{apps}-fleet-up.log")
     result["deploy v1"] = timed(["ansible-playbook", *inv, "playbooks/deploy.yml"], logs / f"{apps}-deploy.log")
+    result["fleet memory MiB"] = available_before - available_mib()  # serving v1, idle
     demo.fill_database(fleet, inventory, args.size)
     to_v2 = ["-e", "project_release_id=v2", "-e", f"project_python_version={PYTHON_VERSION}"]
     result["migrate v1 -> v2"] = timed(["ansible-playbook", *inv, "migrate.yml", *to_v2], logs / f"{apps}-migrate.log")
@@ -105,6 +115,14 @@ def measure(apps: int, args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     result["rollback"] = timed(["ansible-playbook", *inv, "rollback.yml"], logs / f"{apps}-rollback.log")
     record = run_record(fleet, inventory)
     result["rollback mode"] = record.get("converge", {}).get("mode")
+    if args.serial and apps == max(int(n) for n in args.sizes.split(",")):
+        # The same switch in batches of migrate_serial hosts (v2 is prepared by now: only the switch compares).
+        serial = ["-e", f"migrate_serial={args.serial}"]
+        result["serial migrate"] = timed(
+            ["ansible-playbook", *inv, "migrate.yml", *to_v2, *serial], logs / f"{apps}-migrate-serial.log"
+        )
+        result["serial stages"] = stage_seconds(run_record(fleet, inventory))
+        timed(["ansible-playbook", *inv, "rollback.yml"], logs / f"{apps}-rollback-serial.log")
     result["load_average_after"] = os.getloadavg()
     return result
 
@@ -126,6 +144,9 @@ def table(results: list[dict[str, Any]]) -> str:
         if a is None and b is None:
             continue
         lines.append(f"| migrate: {stage} | {a or 0:.1f} | {b or 0:.1f} | {ratio(a, b)} |")
+    if "serial stages" in large:
+        a, b = small["migrate stages"].get("switch"), large["serial stages"].get("switch")
+        lines.append(f"| migrate: switch, migrate_serial={large['serial']} | {a or 0:.1f} | {b or 0:.1f} | {ratio(a, b)} |")
     return "\n".join(lines)
 
 
@@ -140,6 +161,8 @@ def write_doc(results: list[dict[str, Any]], text: str, raw: Path) -> None:
         f"caches warm, the same data; migrate strategy {small['strategy']} / {large['strategy']},",
         f"rollback by {small['rollback mode']} / {large['rollback mode']}. Load average before each:",
         f"{small['load_average_before'][0]:.1f} / {large['load_average_before'][0]:.1f}.",
+        f"Memory the fleet took once serving v1 (drop of MemAvailable): {small['fleet memory MiB']} /"
+        f" {large['fleet memory MiB']} MiB; machine: {os.cpu_count()} CPUs.",
         f"Raw figures: `{raw.relative_to(REPO)}` (not committed).",
         "",
         text,
@@ -160,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="3MB", help="generated data (default 3MB)")
     parser.add_argument("--fleet", default="djmbench", help="fleet name (default djmbench)")
     parser.add_argument("--http-port", type=int, default=18300, help="lb1:80 on 127.0.0.1:PORT (default 18300)")
+    parser.add_argument(
+        "--serial", default="25%", help="also switch the largest fleet in batches of this migrate_serial ('' for no)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the last fleet")
     parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args(argv)
