@@ -150,9 +150,9 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_doc(results: list[dict[str, Any]], text: str, raw: Path) -> None:
+def write_doc(results: list[dict[str, Any]], text: str, raw: Path, started: datetime.datetime) -> None:
     small, large = results[0], results[-1]
-    when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    when = started.strftime("%Y-%m-%d %H:%M")
     section = "\n".join([
         START,
         f"### Run of {when} (`scripts/bench_scale.py`)",
@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(sizes) < 2 or sizes != sorted(sizes) or sizes[0] < 1:
         parser.error("--sizes: at least two app host counts, smallest first, e.g. 3,10")
 
-    stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+    started = datetime.datetime.now()
+    stamp = started.strftime("%Y%m%dT%H%M%S")
     logs = REPO / "build" / "bench" / f"scale-{stamp}"
     logs.mkdir(parents=True, exist_ok=True)
     py = sys.executable
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table([results[0], results[-1]])
     print(text)
     if not args.no_doc:
-        write_doc([results[0], results[-1]], text, raw)
+        write_doc([results[0], results[-1]], text, raw, started)
         log(f"wrote {DOC.relative_to(REPO)}")
     return 0
 
