@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import demo  # scripts/demo.py, beside this file: environment() and the data loader
+from run_record import stage_seconds
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "benchmarks.md"
@@ -72,17 +73,6 @@ def run_record(fleet: str, inventory: Path) -> dict[str, Any]:
         check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
     return dict(json.loads(out))
-
-
-def stage_seconds(record: dict[str, Any]) -> dict[str, float]:
-    def parse(stamp: str) -> datetime.datetime:
-        return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-
-    return {
-        name: (parse(times["finished"]) - parse(times["started"])).total_seconds()
-        for name, times in record.get("stages", {}).items()
-        if "started" in times and "finished" in times
-    }
 
 
 def available_mib() -> int:

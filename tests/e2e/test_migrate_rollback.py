@@ -8,7 +8,6 @@ matters only for speed: the first test pays for the Python 3.11 distribution onc
 from __future__ import annotations
 
 import csv
-import datetime
 import difflib
 import io
 import json
@@ -23,6 +22,7 @@ from typing import Any
 
 import yaml
 from conftest import E2E, ENV, FLEET, INVENTORY, LOGS, PYTHON_VERSION, REPO
+from run_record import stage_seconds  # scripts/, on the path conftest sets
 
 
 def assert_back_on_v1(e2e: E2E) -> None:
@@ -44,19 +44,6 @@ def wait_all_up(e2e: E2E, seconds: float) -> None:
 
 def failures(load: object) -> dict[str, int]:
     return dict(getattr(load, "summary", {}).get("failures_by_status", {}))
-
-
-def stage_seconds(record: dict[str, Any]) -> dict[str, float]:
-    """Seconds spent in each stage of a run, from the start/end stamps of its record."""
-
-    def parse(stamp: str) -> datetime.datetime:
-        return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-
-    return {
-        name: round((parse(times["finished"]) - parse(times["started"])).total_seconds(), 1)
-        for name, times in record.get("stages", {}).items()
-        if "started" in times and "finished" in times
-    }
 
 
 def column(table: str, name: str) -> str:
