@@ -32,8 +32,17 @@ run_one() {
   if [ $rc -eq 0 ]; then
     echo "=== molecule test: $role passed in $(( $(date +%s) - start ))s"
   else
-    echo "=== molecule test: $role FAILED (exit $rc) after $(( $(date +%s) - start ))s; last lines of $log:"
-    tail -n 60 "$log"
+    echo "=== molecule test: $role FAILED (exit $rc) after $(( $(date +%s) - start ))s"
+    # The log's tail is only the destroy step: show the end of the step that failed (for verify,
+    # testinfra's failures with their assertion lines).
+    local step
+    step=$(sed -nE 's/^default > ([a-z_]+): Executed: Failed.*/\1/p' "$log" | head -n 1)
+    echo "--- the end of step ${step:-?} in $log:"
+    awk -v step="$step" '/\[default > [a-z_]+\] Executing$/ {on = index($0, "[default > " step "]") > 0; if (on) n = 0}
+                         on {lines[n++ % 150] = $0}
+                         END {for (i = (n > 150 ? n - 150 : 0); i < n; i++) print lines[i % 150]}' "$log"
+    echo "--- last lines of $log:"
+    tail -n 25 "$log"
   fi
 }
 export -f run_one
