@@ -72,6 +72,27 @@ def test_load_balancer_has_every_app_host_up_and_the_window_closed(host: Any) ->
     assert host.file("/etc/haproxy/acme-maintenance.map").content_string.split() == ["state", "off"]
 
 
+def test_static_files_are_served_through_the_load_balancer_from_either_release(host: Any) -> None:
+    """Django serves no static file with DEBUG off: nginx on each app host does, behind HAProxy.
+    After the rollback the hosts run v1 (Django 3.2); v2 (Django 4.2) was prepared, so a file only
+    4.2's admin has is still served, from the union of prepared releases: a v2 page that a v1 host's
+    nginx is asked for during a roll finds its files."""
+    only(host, "lb")
+    stat = host.check_output("echo 'show stat' | socat -t 5 stdio unix-connect:/run/haproxy/admin.sock")
+    servers = {fields[1]: fields[17] for fields in (line.split(",") for line in stat.splitlines()) if fields[0] == "acme_static"}
+    servers.pop("BACKEND", None)
+    assert servers == {"app1": "UP", "app2": "UP", "app3": "UP"}, servers
+
+    def get(path: str) -> tuple[str, str]:
+        body, _, status = host.check_output(f"curl -sS -w '\\n%{{http_code}}' http://127.0.0.1{path}").rpartition("\n")
+        return status, body
+
+    status, body = get("/static/admin/css/base.css")
+    assert status == "200" and "DJANGO Admin styles" in body, (status, body[:200])
+    assert get("/static/admin/js/theme.js")[0] == "200"  # Django 4.2's admin only
+    assert get("/static/admin/js/no-such-file.js")[0] == "404"
+
+
 def test_db_keeps_the_verified_backup_of_the_run_and_its_history(host: Any) -> None:
     only(host, "db")
     results = [(r["playbook"], r["result"]) for r in history(host)]

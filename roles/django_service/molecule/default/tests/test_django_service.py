@@ -79,6 +79,29 @@ def test_healthz_answers_the_release_through_gunicorn(host):
     assert data["django"] == "3.2.25"
 
 
+def test_nginx_serves_the_static_files_of_current_then_of_every_prepared_release(host):
+    def get(path: str) -> tuple[str, str]:
+        out = host.check_output(f"curl -s --path-as-is -D - -o /root/static-body -w '%{{http_code}}' http://127.0.0.1:8081{path}")
+        return out[-3:], out
+
+    css = "admin/css/base.css"  # collected from Django's admin into the release's static/
+    status, headers = get(f"/static/{css}")
+    assert status == "200", headers
+    assert "cache-control: public, max-age=3600" in headers.lower()
+    assert host.check_output("md5sum < /root/static-body") == host.check_output(f"md5sum < /srv/acme/current/static/{css}")
+    # The union holds what prepare added (this release's files) ...
+    assert host.file(f"/srv/acme/shared/static/{css}").exists
+    # ... and a file of another release that current does not have is served from there.
+    host.check_output("install -D -m 0644 /dev/null /srv/acme/shared/static/older/only-in-an-older-release.css")
+    host.check_output("echo 'p{}' > /srv/acme/shared/static/older/only-in-an-older-release.css")
+    status, headers = get("/static/older/only-in-an-older-release.css")
+    assert status == "200" and host.file("/root/static-body").content_string == "p{}\n", headers
+    # Nothing else: a missing file, a path outside the prefix, a way out of the directories.
+    for path in ("/static/no/such.css", "/healthz", "/static/../../../etc/passwd", "/srv/acme/current/.env"):
+        assert get(path)[0] in ("404", "400"), path
+    assert get("/.djm-static-health")[0] == "200"
+
+
 def test_plain_app_has_no_health_endpoint_and_redirects_its_root(host):
     """The plain app passed the default gate with a 301 on `/` and no JSON anywhere."""
     assert host.service("plain").is_running

@@ -181,9 +181,25 @@ def test_both_backends_up_and_serving(host):
     assert set(answers(host)) == set(APPS)
 
 
+def test_static_files_go_to_the_static_servers_which_a_drain_leaves_serving(host):
+    """/static/ goes to each app host's static port (8081), never to the app port (8000, which has no
+    /static/); that backend is not drained with the app's server: a host restarting still serves them."""
+    rows = [line.split(",") for line in runtime_api(host, "show stat").splitlines()]
+    assert {row[1]: row[17] for row in rows if row[0] == "django_static" and row[1] in APPS} == dict.fromkeys(APPS, "UP")
+    fetch = "curl -sf --max-time 5 http://127.0.0.1/static/app.css || echo failed"
+    out = host.check_output(f"for i in $(seq {REQUESTS}); do {fetch}; done")
+    assert Counter(line.split()[2] for line in out.splitlines() if line.startswith("/*")) == dict.fromkeys(APPS, REQUESTS // 2)
+    assert "failed" not in out
+    # The app port's answer for a path outside the prefix: still the app (the tiny server's /whoami).
+    assert set(answers(host)) == set(APPS)
+
+
 def test_drained_backend_gets_no_new_requests_and_comes_back(host):
     run_playbook("drain.yml")
     assert server_status(host)[DRAINED] == "DRAIN"
+    # Its static files are still served: only the app's server is drained.
+    static = host.check_output("for i in 1 2 3 4; do curl -sf --max-time 5 http://127.0.0.1/static/app.css; done")
+    assert DRAINED in static
     seen = answers(host)
     assert seen[DRAINED] == 0
     assert seen["lbrole-app-debian11"] == REQUESTS
@@ -237,11 +253,15 @@ def test_maintenance_check_mode_opens_nothing_and_does_not_wait_for_requests_in_
 
 
 def check_results(host) -> dict[str, tuple[str, str]]:
-    """(check_status, check_code) of each backend server, from `show stat`'s named columns."""
+    """(check_status, check_code) of each server of the app's backend, from `show stat`'s named columns."""
     lines = runtime_api(host, "show stat").splitlines()
     header = lines[0].lstrip("# ").split(",")
     rows = [dict(zip(header, line.split(","))) for line in lines[1:]]
-    return {row["svname"]: (row["check_status"].lstrip("* "), row["check_code"]) for row in rows if row.get("svname") in APPS}
+    return {
+        row["svname"]: (row["check_status"].lstrip("* "), row["check_code"])
+        for row in rows
+        if row.get("pxname") == "django_app" and row.get("svname") in APPS
+    }
 
 
 def test_a_health_page_that_redirects_keeps_the_servers_up():
