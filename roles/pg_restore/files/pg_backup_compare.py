@@ -10,7 +10,9 @@ made by users since the backup are kept), and those tables are listed with their
 Schema: `pg_restore --schema-only` of the backup's dump and `pg_dump --schema-only` of the live
 database, compared as sets of statements, comments and session settings left out, the column lines
 of each CREATE TABLE sorted (a reversed RemoveField adds its column back at the end of the table:
-the same schema for every query that names its columns, which Django does).
+the same schema for every query that names its columns, which Django does), and an index that
+differs by its name alone reported in schema.renamed_indexes rather than as a difference (a
+reversed RenameIndex(old_fields=...) keeps the new name).
 Migration rows: the manifest's copy (taken in the backup's snapshot) against the live table.
 
 Prints one JSON document. Exit codes: 0 schema and migration rows equal, 1 they differ, 2 error.
@@ -78,6 +80,31 @@ def multiset_difference(a: Sequence[str], b: Sequence[str]) -> list[str]:
     return only
 
 
+INDEX = re.compile(r"^CREATE (UNIQUE )?INDEX (\S+) ON (\S+) (.*)$", re.DOTALL)
+
+
+def pair_renamed_indexes(only_live: list[str], only_backup: list[str]) -> list[dict[str, str]]:
+    """Take out of both lists the indexes that differ by their name alone (same table, columns, method).
+
+    Django's RenameIndex(old_fields=...) reverses to nothing (the old index had no name of its own), so a
+    reversed run leaves the new name on the same index: every query, and Django, which finds an unnamed
+    index by its fields, sees the same index. Returns the pairs taken out.
+    """
+    pairs = []
+    for statement in list(only_live):
+        live = INDEX.match(statement)
+        if live is None:
+            continue
+        for candidate in only_backup:
+            backup = INDEX.match(candidate)
+            if backup and (backup[1], backup[3], backup[4]) == (live[1], live[3], live[4]) and backup[2] != live[2]:
+                only_live.remove(statement)
+                only_backup.remove(candidate)
+                pairs.append({"backup": backup[2], "live": live[2], "table": live[3]})
+                break
+    return pairs
+
+
 def row_key(row: dict[str, Any]) -> str:
     return json.dumps(row, sort_keys=True, default=str)
 
@@ -95,6 +122,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     live_schema = statements(schema_of_live(live_dsn, args.bin_dir))
     only_live = multiset_difference(live_schema, backup_schema)
     only_backup = multiset_difference(backup_schema, live_schema)
+    renamed_indexes = pair_renamed_indexes(only_live, only_backup)
 
     saved = manifest.get("migrations")
     result_migrations: dict[str, Any] = {"table": None, "equal": None, "only_live": [], "only_backup": []}
@@ -123,6 +151,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
             "only_live": only_live[:SHOWN],
             "only_backup": only_backup[:SHOWN],
             "differing": len(only_live) + len(only_backup),
+            "renamed_indexes": renamed_indexes,
         },
         "migrations": result_migrations,
         "tables_changed": changed,
