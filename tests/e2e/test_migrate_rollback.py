@@ -16,6 +16,7 @@ import re
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -263,7 +264,7 @@ def test_unreachable_app_host_stops_the_run_before_any_change(e2e: E2E) -> None:
         run = e2e.migrate("v2", check=False, log="migrate-app1-down")
     finally:
         subprocess.run(["podman", "start", f"{FLEET}-app1"], env=ENV, check=True, capture_output=True)
-        subprocess.run([str(REPO / ".venv/bin/python"), "scripts/fleet.py", "up", "--name", FLEET, "--apps", "3",
+        subprocess.run([sys.executable, "scripts/fleet.py", "up", "--name", FLEET, "--apps", "3",
                         "--inventory", str(INVENTORY)], cwd=REPO, env=ENV, check=True, capture_output=True)  # fmt: skip
     assert run.rc != 0
     assert "UNREACHABLE" in run.output
@@ -585,7 +586,7 @@ def test_forced_rolling_run_failing_half_way_exports_users_writes_then_restores(
     applied = e2e.ssh("db1", f"sudo sh -c '{psql}' 2>&1; echo rc=$?")
     assert applied.endswith("rc=0"), applied
     verify = subprocess.run(
-        [str(REPO / ".venv" / "bin" / "python"), str(REPO / "scripts" / "loadgen.py"), "verify", str(load.out), "--json",
+        [sys.executable, str(REPO / "scripts" / "loadgen.py"), "verify", str(load.out), "--json",
          "--min-orders", "0", "--psql-cmd", e2e.psql_cmd()],
         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
