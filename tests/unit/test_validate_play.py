@@ -107,3 +107,15 @@ def test_what_to_do_with_writes_a_restore_would_discard_is_export_or_stop(tmp_pa
     result = run_validate(tmp_path, inventory(FULL, dict(GOOD_VARS, **{name: "discard"})))
     assert result.returncode != 0
     assert f"{name} ('discard')" in result.stdout and "must be export or stop" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"project_static_port": 8000}, {"project_static_port": "eighty"}, {"project_static_url": "static"}],
+)
+def test_static_files_on_the_app_port_or_a_url_without_slashes_is_refused(tmp_path: Path, bad: dict[str, object]) -> None:
+    result = run_validate(tmp_path, inventory(FULL, {**GOOD_VARS, **bad}))
+    assert result.returncode != 0
+    assert "must be 0 (the project serves its own static files) or a" in result.stdout
+    # 0: the project serves its own.
+    assert run_validate(tmp_path, inventory(FULL, {**GOOD_VARS, "project_static_port": 0})).returncode == 0

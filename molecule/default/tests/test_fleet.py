@@ -38,6 +38,13 @@ def history(host: Any) -> list[dict[str, Any]]:
     return [json.loads(line) for line in host.file(f"{STATE}/history.jsonl").content_string.splitlines() if line.strip()]
 
 
+def servers(host: Any, backend: str) -> dict[str, str]:
+    """The status of each server of an HAProxy backend on this load balancer (`show stat`)."""
+    stat = host.check_output("echo 'show stat' | socat -t 5 stdio unix-connect:/run/haproxy/admin.sock")
+    rows = (line.split(",") for line in stat.splitlines())
+    return {fields[1]: fields[17] for fields in rows if fields[0] == backend and fields[1] not in ("BACKEND", "FRONTEND")}
+
+
 def loads(name: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(summary, order lookup) of each run of `name`, oldest first."""
     runs = []
@@ -65,10 +72,7 @@ def test_app_hosts_serve_v1_again_with_v2_and_its_python_prepared(host: Any) -> 
 def test_load_balancer_has_every_app_host_up_and_the_window_closed(host: Any) -> None:
     only(host, "lb")
     assert host.service("haproxy").is_running
-    stat = host.check_output("echo 'show stat' | socat -t 5 stdio unix-connect:/run/haproxy/admin.sock")
-    servers = {fields[1]: fields[17] for fields in (line.split(",") for line in stat.splitlines()) if fields[0] == "acme_app"}
-    servers.pop("BACKEND", None)
-    assert servers == {"app1": "UP", "app2": "UP", "app3": "UP"}, servers
+    assert servers(host, "acme_app") == {"app1": "UP", "app2": "UP", "app3": "UP"}
     assert host.file("/etc/haproxy/acme-maintenance.map").content_string.split() == ["state", "off"]
 
 
@@ -78,10 +82,7 @@ def test_static_files_are_served_through_the_load_balancer_from_either_release(h
     4.2's admin has is still served, from the union of prepared releases: a v2 page that a v1 host's
     nginx is asked for during a roll finds its files."""
     only(host, "lb")
-    stat = host.check_output("echo 'show stat' | socat -t 5 stdio unix-connect:/run/haproxy/admin.sock")
-    servers = {fields[1]: fields[17] for fields in (line.split(",") for line in stat.splitlines()) if fields[0] == "acme_static"}
-    servers.pop("BACKEND", None)
-    assert servers == {"app1": "UP", "app2": "UP", "app3": "UP"}, servers
+    assert servers(host, "acme_static") == {"app1": "UP", "app2": "UP", "app3": "UP"}
 
     def get(path: str) -> tuple[str, str]:
         body, _, status = host.check_output(f"curl -sS -w '\\n%{{http_code}}' http://127.0.0.1{path}").rpartition("\n")

@@ -66,9 +66,9 @@ def runtime_api(host, command: str) -> str:
     return host.check_output(f"echo '{command}' | socat -t 5 STDIO UNIX-CONNECT:{SOCKET}")
 
 
-def server_status(host) -> dict[str, str]:
+def server_status(host, backend: str = "django_app") -> dict[str, str]:
     rows = [line.split(",") for line in runtime_api(host, "show stat").splitlines()]
-    return {row[1]: row[17] for row in rows if row[0] == "django_app" and row[1] in APPS}
+    return {row[1]: row[17] for row in rows if row[0] == backend and row[1] in APPS}
 
 
 def sessions(host) -> int:
@@ -184,8 +184,7 @@ def test_both_backends_up_and_serving(host):
 def test_static_files_go_to_the_static_servers_which_a_drain_leaves_serving(host):
     """/static/ goes to each app host's static port (8081), never to the app port (8000, which has no
     /static/); that backend is not drained with the app's server: a host restarting still serves them."""
-    rows = [line.split(",") for line in runtime_api(host, "show stat").splitlines()]
-    assert {row[1]: row[17] for row in rows if row[0] == "django_static" and row[1] in APPS} == dict.fromkeys(APPS, "UP")
+    assert server_status(host, "django_static") == dict.fromkeys(APPS, "UP")
     fetch = "curl -sf --max-time 5 http://127.0.0.1/static/app.css || echo failed"
     out = host.check_output(f"for i in $(seq {REQUESTS}); do {fetch}; done")
     assert Counter(line.split()[2] for line in out.splitlines() if line.startswith("/*")) == dict.fromkeys(APPS, REQUESTS // 2)
