@@ -160,3 +160,52 @@ def test_deploy_metrics_of_a_project_without_runs(tmp_path: Path) -> None:
     listed = run_module(DEPLOY_METRICS, tmp_path, {"state_dir": str(tmp_path / "none"), "project": "shop"})["metrics"]
     assert [m["name"] for m in listed] == ["djm_deploy_lock_held", "djm_migrate_rollbacks_total"]
     assert os.listdir(tmp_path) == [p.name for p in tmp_path.glob("args-*")]
+
+
+ROLE_TASKS = """
+- name: The metric task files of pg_backup and django_release, on this machine
+  hosts: localhost
+  connection: local
+  gather_facts: false
+  tasks:
+    - name: Write the metrics of a verified backup
+      ansible.builtin.include_role: {name: pg_backup, tasks_from: metrics.yml}
+      vars:
+        pg_backup_id: pre-v2
+        pg_backup_database: shopdb
+        pg_backup_metrics_dir: "{{ work }}/metrics"
+        pg_backup_result:
+          manifest: {started_at: "2026-11-30T19:00:00+00:00", finished_at: "2026-11-30T19:01:40+00:00",
+                     dump_size_bytes: 12345, db_size_bytes: 99999, release_id: v2}
+    - name: Write the metrics of the release this host serves
+      ansible.builtin.include_role: {name: django_release, tasks_from: metrics.yml}
+      vars:
+        django_release_name: shop
+        django_release_id: r7
+        django_release_root: "{{ work }}/srv"
+        django_release_metrics_dir: "{{ work }}/metrics"
+"""
+
+
+def test_backup_and_release_metric_files_from_the_role_tasks(tmp_path: Path) -> None:
+    """pg_backup's and django_release's metrics.yml (what a backup and a switch include), run twice: valid, then unchanged."""
+    (tmp_path / "srv" / "releases" / "r7").mkdir(parents=True)
+    (tmp_path / "srv" / "current").symlink_to(tmp_path / "srv" / "releases" / "r7")
+    (tmp_path / "play.yml").write_text(ROLE_TASKS)
+    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_ROLES_PATH=str(REPO / "roles"), ANSIBLE_NOCOLOR="1")
+    argv = ["ansible-playbook", "-i", "localhost,", "play.yml", "-e", f"work={tmp_path}"]
+    argv += ["-e", f"ansible_python_interpreter={sys.executable}"]
+    for changed in ("changed=2", "changed=0"):
+        run = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
+        assert run.returncode == 0 and changed in run.stdout, run.stdout[-3000:] + run.stderr
+    backup = (tmp_path / "metrics" / "djm_backup_shopdb.prom").read_text()
+    release = (tmp_path / "metrics" / "djm_release_shop.prom").read_text()
+    for text in (backup, release):
+        promtool_check(text)
+    assert 'djm_backup_last_verified_timestamp_seconds{database="shopdb"} 1796065300\n' in backup
+    assert 'djm_backup_last_verified_duration_seconds{database="shopdb"} 100\n' in backup
+    assert 'djm_backup_last_verified_size_bytes{database="shopdb"} 12345\n' in backup
+    assert 'djm_backup_last_verified_info{backup_id="pre-v2",database="shopdb",release="v2"} 1\n' in backup
+    assert 'djm_release_info{project="shop",release="r7"} 1\n' in release
+    switched = int(os.lstat(tmp_path / "srv" / "current").st_mtime)
+    assert f'djm_release_switched_timestamp_seconds{{project="shop"}} {switched}\n' in release
