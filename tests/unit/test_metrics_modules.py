@@ -209,3 +209,11 @@ def test_backup_and_release_metric_files_from_the_role_tasks(tmp_path: Path) -> 
     assert 'djm_release_info{project="shop",release="r7"} 1\n' in release
     switched = int(os.lstat(tmp_path / "srv" / "current").st_mtime)
     assert f'djm_release_switched_timestamp_seconds{{project="shop"}} {switched}\n' in release
+    # A directory that cannot be made: reported, and the run goes on (a backup or a switch never fails for metrics).
+    (tmp_path / "a-file").write_text("")
+    broken = [f"{role}_metrics_dir={tmp_path / 'a-file' / 'metrics'}" for role in ("pg_backup", "django_release")]
+    run = subprocess.run(
+        [*argv, "-e", broken[0], "-e", broken[1]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert run.returncode == 0 and "rescued=2" in run.stdout, run.stdout[-3000:] + run.stderr
+    assert run.stdout.count("Prometheus metrics not written to") == 2 and "The run goes on" in run.stdout
