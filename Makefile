@@ -31,10 +31,13 @@ fleet-down: ## Remove what fleet-up made (containers, network, key, generated in
 fleet-status: ## Show the local fleet
 	$(PY) scripts/fleet.py status
 
-lint: ## yamllint, ansible-lint (production profile), ruff
+lint: ## yamllint, ansible-lint (production profile), ruff, promtool on the example alert rules
 	yamllint -s .
 	ansible-lint
 	ruff check scripts tests examples roles molecule
+	@command -v promtool >/dev/null || { echo "lint: promtool not found: run make setup"; exit 1; }
+	promtool check rules monitoring/alerts.yml
+	promtool test rules monitoring/alerts_test.yml
 
 test-unit: ## Unit tests: scripts and the fixture app on a throwaway local PostgreSQL
 	pytest -q tests/unit

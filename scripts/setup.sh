@@ -75,6 +75,26 @@ else
   changed "installed requirements.txt into $VENV"
 fi
 
+# --- promtool (lint of monitoring/ and of the metric files the roles write) ------------------------
+# Only the promtool binary, from Debian's prometheus package (apt-get download + dpkg-deb: a static Go
+# binary, no dependencies), into the virtualenv's bin/: installing the package would also start a
+# Prometheus server on the controller.
+PROMTOOL="$VENV/bin/promtool"
+if "$PROMTOOL" --version >/dev/null 2>&1; then
+  ok "promtool in $VENV/bin ($("$PROMTOOL" --version 2>&1 | head -n 1 | cut -d' ' -f3))"
+else
+  tmp="$(mktemp -d)"
+  (cd "$tmp" && apt-get download -qq prometheus >/dev/null 2>&1) \
+    || { apt-get update -qq && (cd "$tmp" && apt-get download -qq prometheus >/dev/null 2>&1); } \
+    || { rm -rf "$tmp"; fail "apt-get download prometheus failed: promtool comes from Debian's prometheus package"; }
+  dpkg-deb --fsys-tarfile "$tmp"/prometheus_*.deb | tar -x -C "$tmp" ./usr/bin/promtool \
+    || { rm -rf "$tmp"; fail "no usr/bin/promtool in Debian's prometheus package"; }
+  install -m 0755 "$tmp/usr/bin/promtool" "$PROMTOOL"
+  rm -rf "$tmp"
+  "$PROMTOOL" --version >/dev/null 2>&1 || fail "$PROMTOOL does not run"
+  changed "installed promtool into $VENV/bin"
+fi
+
 # --- podman with the project-local containers.conf ------------------------------------------------
 [ -f "$CONTAINERS_CONF" ] || fail "CONTAINERS_CONF file $CONTAINERS_CONF is missing: restore .config/containers/containers.conf"
 runtime="$(podman info --format '{{.Host.OCIRuntime.Name}}' 2>/dev/null || true)"

@@ -185,13 +185,13 @@ def http_get(url: str, timeout: float = 30.0) -> tuple[int, bytes]:
 
 
 @contextmanager
-def gunicorn(release_id: str, env: Mapping[str, str], timeout: float = 30.0) -> Iterator[str]:
-    """Run the release under gunicorn on a free port; yields the base URL once it answers."""
+def gunicorn(release_id: str, env: Mapping[str, str], timeout: float = 30.0, workers: int = 1) -> Iterator[str]:
+    """Run the release under gunicorn (``workers`` processes) on a free port; yields the base URL once it answers."""
     port = free_port()
     gunicorn_bin = venv_python(release_id).parent / "gunicorn"
     log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in the finally below
     proc = subprocess.Popen(
-        [str(gunicorn_bin), "--bind", f"127.0.0.1:{port}", "--workers", "1", "acme.wsgi:application"],
+        [str(gunicorn_bin), "--bind", f"127.0.0.1:{port}", "--workers", str(workers), "acme.wsgi:application"],
         cwd=release_dir(release_id),
         env=dict(env),
         stdout=log,

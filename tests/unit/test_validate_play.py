@@ -119,3 +119,43 @@ def test_static_files_on_the_app_port_or_a_url_without_slashes_is_refused(tmp_pa
     assert "must be 0 (the project serves its own static files) or a" in result.stdout
     # 0: the project serves its own.
     assert run_validate(tmp_path, inventory(FULL, {**GOOD_VARS, "project_static_port": 0})).returncode == 0
+
+
+def test_debug_toolbar_is_refused_for_an_inventory_marked_production(tmp_path: Path) -> None:
+    # Staging (not marked): allowed.
+    assert run_validate(tmp_path, inventory(FULL, {**GOOD_VARS, "project_debug_toolbar": True})).returncode == 0
+    # Marked production: refused, naming the mark; without the toolbar it passes.
+    marked = {**GOOD_VARS, "project_production": True}
+    result = run_validate(tmp_path, inventory(FULL, {**marked, "project_debug_toolbar": True}))
+    assert result.returncode != 0
+    assert "project_debug_toolbar is true but this inventory is production (project_production: true)" in result.stdout
+    assert run_validate(tmp_path, inventory(FULL, marked)).returncode == 0
+
+
+def test_debug_toolbar_is_refused_for_an_inventory_in_a_production_directory(tmp_path: Path) -> None:
+    """./production links to inventories/production: an inventory there is production without any mark."""
+    inv_dir = tmp_path / "production"
+    inv_dir.mkdir()
+    result = run_validate(inv_dir, inventory(FULL, {**GOOD_VARS, "project_debug_toolbar": True}))
+    assert result.returncode != 0
+    assert "a source in a directory named production" in result.stdout
+
+
+def test_the_repository_inventories_mark_production_and_turn_the_toolbar_on_in_staging() -> None:
+    production = yaml.safe_load((REPO / "inventories/production/group_vars/all/project.yml").read_text())
+    staging = yaml.safe_load((REPO / "inventories/staging/group_vars/all/project.yml").read_text())
+    assert production["project_production"] is True
+    assert production.get("project_debug_toolbar", False) is False
+    assert staging["project_debug_toolbar"] is True
+    assert staging.get("project_production", False) is False
+
+
+def test_the_production_inventory_refuses_the_toolbar_before_anything_else() -> None:
+    """The repository's ./production, toolbar asked on the command line: refused first (its vault is not even needed)."""
+    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
+    result = subprocess.run(
+        ["ansible-playbook", "-i", "production", "migrate.yml", "--tags", "validate", "-e", "project_debug_toolbar=true"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "project_debug_toolbar is true but this inventory is production (project_production: true)" in result.stdout

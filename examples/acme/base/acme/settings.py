@@ -6,6 +6,8 @@ docs/fixture-app.md. Nothing here is host-specific.
 """
 
 import os
+import sys
+import tempfile
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
@@ -197,6 +199,38 @@ if explicitly_off("DJANGO_SESSION_COOKIE_SECURE"):
     SILENCED_SYSTEM_CHECKS.append("security.W012")
 if explicitly_off("DJANGO_CSRF_COOKIE_SECURE"):
     SILENCED_SYSTEM_CHECKS.append("security.W016")
+
+# --- Observability (the proposal's monitoring: Prometheus, Django Debug Toolbar) ----------------
+# Request metrics for Prometheus (django-prometheus): GET /metrics on each app host (requests,
+# responses by status and view, latencies, database errors). Gunicorn runs several workers, which
+# share their samples through PROMETHEUS_MULTIPROC_DIR: from the environment, else, in a gunicorn
+# worker, a directory of its master process under the temporary directory (the service's private
+# /tmp, new at each start). manage.py commands keep their samples to themselves. prometheus_client
+# reads the variable when it is first imported, after these settings.
+if "PROMETHEUS_MULTIPROC_DIR" not in os.environ and Path(sys.argv[0]).name == "gunicorn":
+    _metrics_dir = Path(tempfile.gettempdir()) / f"acme-prometheus-{os.getppid()}"
+    try:
+        _metrics_dir.mkdir(mode=0o700, exist_ok=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_dir)
+    except OSError:
+        pass  # no temporary directory: each worker reports its own samples
+INSTALLED_APPS.append("django_prometheus")
+MIDDLEWARE.insert(0, "django_prometheus.middleware.PrometheusBeforeMiddleware")
+MIDDLEWARE.append("django_prometheus.middleware.PrometheusAfterMiddleware")
+PROMETHEUS_EXPORT_MIGRATIONS = False
+
+# django-debug-toolbar, on staging only: the deploy sets DJANGO_DEBUG_TOOLBAR=1 when the inventory
+# says project_debug_toolbar (playbooks/validate.yml refuses it for production). Shown to logged-in
+# superusers only, whatever DEBUG says: its SQL panel lists a page's queries and their plans, the
+# post-migration query analysis of docs/runbook.md.
+DEBUG_TOOLBAR = env_bool("DJANGO_DEBUG_TOOLBAR", False)
+if DEBUG_TOOLBAR:
+    INSTALLED_APPS.append("debug_toolbar")
+    MIDDLEWARE.insert(
+        MIDDLEWARE.index("django.contrib.auth.middleware.AuthenticationMiddleware") + 1,
+        "debug_toolbar.middleware.DebugToolbarMiddleware",
+    )
+    DEBUG_TOOLBAR_CONFIG = {"SHOW_TOOLBAR_CALLBACK": "acme.observability.show_toolbar"}
 
 LOG_LEVEL = os.environ.get("DJANGO_LOG_LEVEL", "INFO").upper()
 

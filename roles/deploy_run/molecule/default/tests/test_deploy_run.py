@@ -9,6 +9,8 @@ The whole state dir is read once per host, in one remote call.
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from functools import cache
 from typing import Any
 
@@ -145,3 +147,50 @@ def test_only_what_other_runs_of_the_project_left_running_was_stopped(host: Any)
     }
     assert active["molecule-orphan-own"] == active["molecule-orphan-other-project"] == "active", active
     assert "active" not in (active["molecule-orphan-unit"], active["molecule-orphan-tree"]), active
+
+
+METRICS_DIR = "/var/lib/prometheus/node-exporter"
+
+
+def metric_samples(text: str) -> dict[str, float]:
+    """'name{labels}' -> value, for the sample lines of a .prom file."""
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            samples[series] = float(value)
+    return samples
+
+
+def test_deploy_metrics_follow_the_lock_and_the_history_and_pass_promtool(host: Any) -> None:
+    """lock.yml, finish.yml and unlock.yml rewrote djm_deploy_<project>.prom; promtool (controller) checks it."""
+    listing = host.run("ls -a %s", METRICS_DIR)
+    assert listing.rc == 0, listing.stderr
+    names = set(listing.stdout.split())
+    # One file per project, no temporary file left; check mode wrote none.
+    assert names == {".", "..", "djm_deploy_molecule_shop.prom", "djm_deploy_molecule_stale.prom"}, names
+    assert host.file(METRICS_DIR).mode == 0o755
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool not found: run make setup"
+    texts = {}
+    for project in ("molecule_shop", "molecule_stale"):
+        prom = host.file(f"{METRICS_DIR}/djm_deploy_{project}.prom")
+        assert prom.mode == 0o644 and prom.user == "root"
+        texts[project] = prom.content_string
+        check = subprocess.run([promtool, "check", "metrics"], input=texts[project], capture_output=True, text=True, check=False)
+        assert check.returncode == 0 and not (check.stdout + check.stderr).strip(), check.stdout + check.stderr
+
+    shop = metric_samples(texts["molecule_shop"])
+    lock = json.loads(content(host, "molecule_shop/lock.json"))
+    assert shop['djm_deploy_lock_held{project="molecule_shop"}'] == 1
+    since = f'djm_deploy_lock_acquired_timestamp_seconds{{project="molecule_shop",run_id="{SECOND}"}}'
+    assert since in shop and lock["run_id"] == SECOND
+    assert shop['djm_migrate_last_result{project="molecule_shop",result="succeeded"}'] == 1
+    assert shop['djm_migrate_last_result{project="molecule_shop",result="failed"}'] == 0
+    assert shop['djm_migrate_rollbacks_total{project="molecule_shop"}'] == 0
+    stages = {s for s in shop if s.startswith("djm_migrate_last_run_stage_duration_seconds")}
+    assert {s.split('stage="')[1].split('"')[0] for s in stages} == {"prepare", "backup", "migrate", "finish"}
+    # molecule_stale: the lock released by the finish of the run that broke it.
+    stale = metric_samples(texts["molecule_stale"])
+    assert stale['djm_deploy_lock_held{project="molecule_stale"}'] == 0
+    assert not any(s.startswith("djm_deploy_lock_acquired_timestamp_seconds") for s in stale)

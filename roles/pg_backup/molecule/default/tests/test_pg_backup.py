@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import json
+import shutil
+import subprocess
 from typing import Any
 
 import pytest
@@ -127,3 +130,25 @@ def test_corrupted_backup_stayed_unverified(host: Any) -> None:
 def test_tool_virtualenv_has_psycopg(host: Any, module: str) -> None:
     out = host.check_output(f"/opt/pg-tools/venv/bin/python -c 'import {module}; print({module}.__version__)'")
     assert out.startswith("3.2.")
+
+
+def test_metrics_describe_the_verified_backup_and_pass_promtool(host: Any) -> None:
+    """djm_backup_<db>.prom: rel-1 (the corrupted rel-bad failed verification and wrote none); promtool on the controller."""
+    prom = host.file(f"/var/lib/prometheus/node-exporter/djm_backup_{DB}.prom")
+    assert prom.is_file and prom.mode == 0o644 and prom.user == "root"
+    assert host.file("/var/lib/prometheus/node-exporter").mode == 0o755
+    text = prom.content_string
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool not found: run make setup"
+    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False)
+    assert check.returncode == 0 and not (check.stdout + check.stderr).strip(), check.stdout + check.stderr
+    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    rel1 = manifest(host, f"{BACKUPS}/rel-1")
+    started, finished = (datetime.datetime.fromisoformat(rel1[k]).timestamp() for k in ("started_at", "finished_at"))
+    label = f'{{database="{DB}"}}'
+    assert float(samples[f"djm_backup_last_verified_timestamp_seconds{label}"]) == finished
+    assert int(samples[f"djm_backup_last_verified_size_bytes{label}"]) == rel1["dump_size_bytes"]
+    assert int(samples[f"djm_backup_last_verified_database_size_bytes{label}"]) == rel1["db_size_bytes"]
+    assert float(samples[f"djm_backup_last_verified_duration_seconds{label}"]) == finished - started
+    info = f'djm_backup_last_verified_info{{backup_id="rel-1",database="{DB}",release="2026.01.31-1"}}'
+    assert samples[info] == "1"

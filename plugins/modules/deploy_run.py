@@ -1,0 +1,1 @@
+../../roles/deploy_run/library/deploy_run.py

@@ -1,0 +1,1 @@
+../../roles/prometheus_textfile/library/prometheus_textfile.py
