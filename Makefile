@@ -34,7 +34,7 @@ fleet-status: ## Show the local fleet
 lint: ## yamllint, ansible-lint (production profile), ruff
 	yamllint -s .
 	ansible-lint
-	ruff check scripts tests examples roles molecule
+	ruff check scripts tests examples roles molecule plugins
 
 test-unit: ## Unit tests: scripts and the fixture app on a throwaway local PostgreSQL
 	pytest -q tests/unit
