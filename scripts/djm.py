@@ -300,29 +300,45 @@ def print_summary(report: dict[str, Any]) -> None:
         hosts = sorted(stage["hosts"])
         failed = sorted(h for h, s in stage["hosts"].items() if s["failed"] or s["unreachable"])
         rows.append(
-            [stage["stage"], fmt_seconds(stage["started"]), fmt_seconds(stage["seconds"]),
-             ", ".join(hosts) if len(hosts) <= 5 else f"{len(hosts)} hosts", stage["batches"] or "",
-             "FAILED on " + ", ".join(failed) if failed else "ok" if stage["ran"] else "skipped"]
-        )  # fmt: skip
+            [
+                stage["stage"],
+                fmt_seconds(stage["started"]),
+                fmt_seconds(stage["seconds"]),
+                ", ".join(hosts) if len(hosts) <= 5 else f"{len(hosts)} hosts",
+                stage["batches"] or "",
+                "FAILED on " + ", ".join(failed) if failed else "ok" if stage["ran"] else "skipped",
+            ]
+        )
     print_table(["stage", "start", "took", "hosts", "batches", "status"], rows)
     print()
     facts = [
         ("run", report.get("run_id")),
-        ("run undone" if report["command"] == "rollback" else "", report.get("record_run_id") if report["command"] == "rollback" else None),
+        (
+            "run undone" if report["command"] == "rollback" else "",
+            report.get("record_run_id") if report["command"] == "rollback" else None,
+        ),
         ("releases", f"{report.get('from_release')} -> {report.get('to_release')}" if report.get("to_release") else None),
         ("strategy", f"{report['strategy']} ({report.get('strategy_reason')})" if report.get("strategy") else None),
         ("plan", f"{len(report['plan'])} migration(s) pending" if report.get("plan") else None),
         ("backup", report.get("backup_id")),
         ("applied", f"{len(report['migrations_applied'])} migration(s)" if report.get("migrations_applied") else None),
-        ("undo", f"{report['converge'].get('mode')} -> {report['converge'].get('to')} ({report['converge'].get('result', '?')})"
-         if report.get("converge") and report["converge"].get("mode") else None),
+        (
+            "undo",
+            f"{report['converge'].get('mode')} -> {report['converge'].get('to')} ({report['converge'].get('result', '?')})"
+            if report.get("converge") and report["converge"].get("mode")
+            else None,
+        ),
         ("serving", ", ".join(f"{h} {r}" for h, r in sorted((report.get("serving") or {}).items())) or None),
         ("result", report.get("result")),
-        ("failure", f"{report['failure'].get('stage')} on {report['failure'].get('host')}: {report['failure'].get('cause')}"
-         if report.get("failure") else None),
+        (
+            "failure",
+            f"{report['failure'].get('stage')} on {report['failure'].get('host')}: {report['failure'].get('cause')}"
+            if report.get("failure")
+            else None,
+        ),
         ("took", f"{report['seconds']:.0f}s"),
         ("exit", f"{report['exit_code']}: {report['exit_meaning']}"),
-    ]  # fmt: skip
+    ]
     for key, value in facts:
         if key and value:
             print(f"  {key:<9} {value}")
@@ -358,7 +374,10 @@ def command_run(args: argparse.Namespace) -> int:
     progress = None if args.output else Progress(timeline)
     wall = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     started = time.monotonic()
-    print(f"djm {args.command}: {playbook} {shlex.join(extra)}".rstrip() + f" (inventory: {', '.join(args.inventory or ['ansible.cfg default'])})")
+    print(
+        f"djm {args.command}: {playbook} {shlex.join(extra)}".rstrip()
+        + f" (inventory: {', '.join(args.inventory or ['ansible.cfg default'])})"
+    )
     succeeded, status, output_log = run_playbook(playbook, args, extra, timeline, progress)
     command = "plan-prepare" if args.command == "plan" and args.prepare else args.command
     code = djm_report.exit_code(command, succeeded, timeline.run_id, timeline.record)
@@ -381,7 +400,10 @@ def command_run(args: argparse.Namespace) -> int:
     print_summary(report)
     cause = str((report.get("failure") or {}).get("cause") or "")
     if args.command == "plan" and not args.prepare and "is not prepared" in cause:
-        print(f"  hint      --check cannot prepare a release: `djm plan {args.release or ''} --prepare` prepares it and changes nothing else")
+        print(
+            "  hint      --check cannot prepare a release: "
+            f"`djm plan {args.release or ''} --prepare` prepares it and changes nothing else"
+        )
     return code
 
 
@@ -390,7 +412,10 @@ def print_plan(report: dict[str, Any]) -> None:
     if report["plan"]:
         print_table(
             ["migration", "class", "reversible", "atomic", "ops", "locking risks"],
-            [[p["migration"], p["class"], p["reversible"], p["atomic"], p["operations"], p["locking_risks"]] for p in report["plan"]],
+            [
+                [p["migration"], p["class"], p["reversible"], p["atomic"], p["operations"], p["locking_risks"]]
+                for p in report["plan"]
+            ],
         )
     else:
         print("no migration pending")
@@ -447,32 +472,48 @@ def command_status(args: argparse.Namespace) -> int:
         return djm_report.exit_code("status", False, "", None)
     print(f"project   {timeline.project or '?'}")
     print()
-    print_table(["app host", "serves"], [[h, timeline.serving.get(h) or "(unreachable or none)"] for h in sorted(timeline.serving)])
+    print_table(
+        ["app host", "serves"], [[h, timeline.serving.get(h) or "(unreachable or none)"] for h in sorted(timeline.serving)]
+    )
     print()
     status = timeline.lock_status or {}
     lock, last = status.get("lock"), status.get("last_run")
     if lock:
-        print(f"lock      held by run {lock.get('run_id')} ({lock.get('playbook')} to {lock.get('target')}) by {lock.get('owner')} "
-              f"on {lock.get('controller')} since {lock.get('locked_at')} ({age(lock.get('locked_at'))})")  # fmt: skip
+        print(
+            f"lock      held by run {lock.get('run_id')} ({lock.get('playbook')} to {lock.get('target')}) by {lock.get('owner')} "
+            f"on {lock.get('controller')} since {lock.get('locked_at')} ({age(lock.get('locked_at'))})"
+        )
     else:
         print("lock      free")
     if last:
         result = last.get("result") or f"in progress or interrupted, stage {last.get('stage')}"
-        print(f"last run  {last.get('run_id')}: {last.get('playbook')} {last.get('from_release')} -> {last.get('to_release')}, {result}"
-              f" (finished {last.get('finished', '-')}, {age(last.get('finished') or last.get('created'))} ago)")  # fmt: skip
+        print(
+            f"last run  {last.get('run_id')}: {last.get('playbook')} "
+            f"{last.get('from_release')} -> {last.get('to_release')}, {result}"
+            f" (finished {last.get('finished', '-')}, {age(last.get('finished') or last.get('created'))} ago)"
+        )
         if last.get("converge"):
             converge = last["converge"]
-            print(f"          undone by {converge.get('mode')} to {converge.get('to')} ({converge.get('result', '?')}, {converge.get('finished', '-')})")
+            print(
+                f"          undone by {converge.get('mode')} to {converge.get('to')} "
+                f"({converge.get('result', '?')}, {converge.get('finished', '-')})"
+            )
         if last.get("failure"):
-            print(f"          failure: {last['failure'].get('stage')} on {last['failure'].get('host')}: {last['failure'].get('cause')}")
+            print(
+                f"          failure: {last['failure'].get('stage')} on {last['failure'].get('host')}: "
+                f"{last['failure'].get('cause')}"
+            )
     else:
         print("last run  none recorded")
     backups = timeline.backups or {}
     newest = next((b for b in backups.get("backups") or [] if b.get("id") == backups.get("newest_verified")), None)
     if newest:
         size = newest.get("dump_size_bytes")
-        print(f"backup    newest verified {newest['id']}, finished {newest.get('finished_at')} ({age(newest.get('finished_at'))} ago)"
-              + (f", {size / 2**20:.1f} MiB" if size else ""))  # fmt: skip
+        print(
+            f"backup    newest verified {newest['id']}, "
+            f"finished {newest.get('finished_at')} ({age(newest.get('finished_at'))} ago)"
+            + (f", {size / 2**20:.1f} MiB" if size else "")
+        )
     else:
         print("backup    no verified backup")
     history = history_tail(timeline.project)
@@ -481,9 +522,18 @@ def command_status(args: argparse.Namespace) -> int:
         print("controller history (build/deploys/<project>/history.jsonl), newest first:")
         print_table(
             ["run", "playbook", "releases", "strategy", "result", "finished"],
-            [[r.get("run_id"), r.get("playbook"), f"{r.get('from_release')} -> {r.get('to_release')}", r.get("strategy"), r.get("result"),
-              r.get("finished")] for r in history],
-        )  # fmt: skip
+            [
+                [
+                    r.get("run_id"),
+                    r.get("playbook"),
+                    f"{r.get('from_release')} -> {r.get('to_release')}",
+                    r.get("strategy"),
+                    r.get("result"),
+                    r.get("finished"),
+                ]
+                for r in history
+            ],
+        )
     return EXIT_OK if succeeded else djm_report.EXIT_REFUSED
 
 
@@ -500,10 +550,18 @@ def command_backups(args: argparse.Namespace) -> int:
     if backups.get("backups") is not None:
         print_table(
             ["backup", "state", "finished", "age", "release", "MiB"],
-            [[b.get("id"), b.get("state") + (" (newest verified)" if b.get("id") == backups.get("newest_verified") else ""),
-              b.get("finished_at"), age(b.get("finished_at")), b.get("release_id"),
-              f"{b['dump_size_bytes'] / 2**20:.1f}" if b.get("dump_size_bytes") else None] for b in backups["backups"]],
-        )  # fmt: skip
+            [
+                [
+                    b.get("id"),
+                    b.get("state") + (" (newest verified)" if b.get("id") == backups.get("newest_verified") else ""),
+                    b.get("finished_at"),
+                    age(b.get("finished_at")),
+                    b.get("release_id"),
+                    f"{b['dump_size_bytes'] / 2**20:.1f}" if b.get("dump_size_bytes") else None,
+                ]
+                for b in backups["backups"]
+            ],
+        )
     for error in timeline.errors:
         print(f"✗ {error['host']}: {error['task']}: {error['msg'][:600]}")
     if args.action == "verify" and succeeded:
@@ -518,7 +576,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("passed to ansible-playbook")
     group.add_argument("-i", "--inventory", action="append", metavar="INVENTORY", help="inventory path or host list (repeatable)")
-    group.add_argument("-e", "--extra-vars", action="append", metavar="VARS", help="extra variables, as ansible-playbook -e (repeatable)")
+    group.add_argument(
+        "-e", "--extra-vars", action="append", metavar="VARS", help="extra variables, as ansible-playbook -e (repeatable)"
+    )
     group.add_argument("--vault-id", action="append", help="as ansible-playbook --vault-id (repeatable)")
     group.add_argument("--vault-password-file", help="as ansible-playbook --vault-password-file")
     group.add_argument("-v", "--verbose", action="count", default=0, help="ansible verbosity in the saved output (-vvv)")
@@ -531,38 +591,67 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     fmt = argparse.RawDescriptionHelpFormatter
 
-    plan = sub.add_parser("plan", parents=[common], formatter_class=fmt, help="show the migration plan and the strategy; change nothing",
-                          description="migrate.yml --check: preflight, the lock, the plan of every pending migration (expand / contract / "
-                          "locking risk) and the strategy it leads to. Writes nothing. The plan is computed in the target release "
-                          "on the first app host: when it is not prepared yet, --prepare prepares it (-e migrate_plan_only=true) "
-                          "and changes nothing else.")  # fmt: skip
+    plan = sub.add_parser(
+        "plan",
+        parents=[common],
+        formatter_class=fmt,
+        help="show the migration plan and the strategy; change nothing",
+        description="migrate.yml --check: preflight, the lock, the plan of every pending migration (expand / contract / "
+        "locking risk) and the strategy it leads to. Writes nothing. The plan is computed in the target release "
+        "on the first app host: when it is not prepared yet, --prepare prepares it (-e migrate_plan_only=true) "
+        "and changes nothing else.",
+    )
     plan.add_argument("release", nargs="?", help="target release (-e project_release_id=...; default: the inventory's)")
     plan.add_argument("--prepare", action="store_true", help="prepare the release on the app hosts to compute the plan")
 
-    migrate = sub.add_parser("migrate", parents=[common], formatter_class=fmt, help="move the fleet to a release (migrate.yml)",
-                             description="migrate.yml: preflight, lock, prepare, plan, backup, migrate, switch, contract, verify, "
-                             "finish; on a failure the run is undone from its record (exit 1 when the undo finished).")  # fmt: skip
+    migrate = sub.add_parser(
+        "migrate",
+        parents=[common],
+        formatter_class=fmt,
+        help="move the fleet to a release (migrate.yml)",
+        description="migrate.yml: preflight, lock, prepare, plan, backup, migrate, switch, contract, verify, "
+        "finish; on a failure the run is undone from its record (exit 1 when the undo finished).",
+    )
     migrate.add_argument("release", nargs="?", help="target release (-e project_release_id=...; default: the inventory's)")
-    migrate.add_argument("--strategy", choices=["rolling", "two_phase", "maintenance"], help="force a strategy (-e migrate_strategy)")
-    migrate.add_argument("--canary", type=int, metavar="SECONDS", help="first host serves alone this long (-e migrate_canary_seconds)")
+    migrate.add_argument(
+        "--strategy", choices=["rolling", "two_phase", "maintenance"], help="force a strategy (-e migrate_strategy)"
+    )
+    migrate.add_argument(
+        "--canary", type=int, metavar="SECONDS", help="first host serves alone this long (-e migrate_canary_seconds)"
+    )
     migrate.add_argument("--break-lock", action="store_true", help="break a stale deploy lock (-e migrate_break_lock=true)")
 
-    rollback = sub.add_parser("rollback", parents=[common], formatter_class=fmt, help="undo the last run (rollback.yml)",
-                              description="rollback.yml: undo the last run of migrate.yml from its record (code, reverse or "
-                              "restore), or finish an interrupted one. Run twice, the second does nothing.")  # fmt: skip
+    rollback = sub.add_parser(
+        "rollback",
+        parents=[common],
+        formatter_class=fmt,
+        help="undo the last run (rollback.yml)",
+        description="rollback.yml: undo the last run of migrate.yml from its record (code, reverse or "
+        "restore), or finish an interrupted one. Run twice, the second does nothing.",
+    )
     rollback.add_argument("--mode", choices=["auto", "code", "reverse", "restore"], help="force the undo mode (-e rollback_mode)")
     rollback.add_argument("--to-release", help="switch back to another prepared release (code only; -e rollback_to_release)")
 
-    sub.add_parser("status", parents=[common], formatter_class=fmt, help="release per host, lock, last run, newest verified backup",
-                   description="Read-only (playbooks/status.yml): the release each app host serves, the deploy lock and its "
-                   "holder, the last run and its result (the run record on the first db host), the newest verified "
-                   "backup and its age, and the last runs in the controller's copy of the history.")  # fmt: skip
+    sub.add_parser(
+        "status",
+        parents=[common],
+        formatter_class=fmt,
+        help="release per host, lock, last run, newest verified backup",
+        description="Read-only (playbooks/status.yml): the release each app host serves, the deploy lock and its "
+        "holder, the last run and its result (the run record on the first db host), the newest verified "
+        "backup and its age, and the last runs in the controller's copy of the history.",
+    )
 
-    backups = sub.add_parser("backups", parents=[common], formatter_class=fmt, help="list or verify the database backups",
-                             description="list: the backups on the first db host, newest first. verify [ID]: the backup (default "
-                             "the newest verified) re-read against the sha256 of every file of its manifest, pg_restore's version, "
-                             "room to restore it and the live database, by the pg_restore role's own check (playbooks/backups.yml). "
-                             "A backup that fails it exits 2.")  # fmt: skip
+    backups = sub.add_parser(
+        "backups",
+        parents=[common],
+        formatter_class=fmt,
+        help="list or verify the database backups",
+        description="list: the backups on the first db host, newest first. verify [ID]: the backup (default "
+        "the newest verified) re-read against the sha256 of every file of its manifest, pg_restore's version, "
+        "room to restore it and the live database, by the pg_restore role's own check (playbooks/backups.yml). "
+        "A backup that fails it exits 2.",
+    )
     backups.add_argument("action", choices=["list", "verify"])
     backups.add_argument("id", nargs="?", help="verify: the backup id (default: the newest verified)")
     return parser.parse_args(argv)

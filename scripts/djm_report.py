@@ -17,7 +17,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_record import stage_seconds  # noqa: E402
+from run_record import stage_seconds
 
 # ------------------------------------------------------------------------------------------ exit codes
 EXIT_OK = 0
@@ -28,7 +28,9 @@ EXIT_REFUSED = 3
 EXIT_MEANINGS = {
     EXIT_OK: "success",
     EXIT_ROLLED_BACK: "failed, and rolled back cleanly: every app host serves the release the run started from",
-    EXIT_NEEDS_HUMAN: "failed, and needs a human: the undo did not finish, or the run was interrupted (read the report, then rollback)",
+    EXIT_NEEDS_HUMAN: (
+        "failed, and needs a human: the undo did not finish, or the run was interrupted (read the report, then rollback)"
+    ),
     EXIT_REFUSED: "refused before any change (bad input, an unreachable host, a held lock, nothing to undo)",
 }
 
@@ -43,7 +45,9 @@ def stage_of(play_name: str) -> str:
     return (name.split() or ["play"])[0].lower()
 
 
-def exit_code(command: str, succeeded: bool, run_id: str, record: dict[str, Any] | None, failed_roles: list[str] | None = None) -> int:
+def exit_code(
+    command: str, succeeded: bool, run_id: str, record: dict[str, Any] | None, failed_roles: list[str] | None = None
+) -> int:
     """The CLI's exit code for a playbook run.
 
     command      plan, plan-prepare, migrate, rollback, status, backups-list, backups-verify
@@ -148,8 +152,14 @@ class Timeline:
                     for host in self._batch_hosts.get(base_uuid, {}).get(1, []):
                         entry["hosts"][host]["batch"] = 1
                 previous = self._batch_hosts.get(base_uuid, {}).get(repeats - 1, [])
-                return {"kind": "batch", "stage": name, "batch": repeats, "play": play, "previous": previous,
-                        "done": sum(len(v) for k, v in self._batch_hosts.get(base_uuid, {}).items() if k < repeats)}  # fmt: skip
+                return {
+                    "kind": "batch",
+                    "stage": name,
+                    "batch": repeats,
+                    "play": play,
+                    "previous": previous,
+                    "done": sum(len(v) for k, v in self._batch_hosts.get(base_uuid, {}).items() if k < repeats),
+                }
             return {"kind": "stage", "stage": name, "play": play, "pattern": data.get("play_pattern", "")}
         if kind in RESULT_EVENTS:
             return self._result(RESULT_EVENTS[kind], data, when)
@@ -171,8 +181,10 @@ class Timeline:
         entry = self.stage(stage_of(play))
         start, end = _seconds(data.get("start")), _seconds(data.get("end")) or when
         batch = self._plays.get(self._play_key, 1)
-        slot = entry["hosts"].setdefault(host, {"started": start, "ended": end, "ok": 0, "changed": 0, "failed": 0,
-                                                "unreachable": 0, "skipped": 0, "batch": None})  # fmt: skip
+        slot = entry["hosts"].setdefault(
+            host,
+            {"started": start, "ended": end, "ok": 0, "changed": 0, "failed": 0, "unreachable": 0, "skipped": 0, "batch": None},
+        )
         slot[status] += 1
         if status != "skipped":
             batches = self._batch_hosts.setdefault(self._play_key, {})
@@ -209,8 +221,15 @@ class Timeline:
             return change
         if status == "skipped":
             return None
-        return {"kind": "result", "stage": entry["stage"], "host": host, "status": status, "task": str(data.get("task") or ""),
-                "batch": batch, "new_in_batch": new_in_batch}  # fmt: skip
+        return {
+            "kind": "result",
+            "stage": entry["stage"],
+            "host": host,
+            "status": status,
+            "task": str(data.get("task") or ""),
+            "batch": batch,
+            "new_in_batch": new_in_batch,
+        }
 
     def _watch(self, res: dict[str, Any], data: dict[str, Any], host: str) -> dict[str, Any] | None:
         """The facts a report needs, as the run's own tasks return them."""
@@ -266,7 +285,9 @@ def plan_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
                 "reversible": migration.get("reversible"),
                 "atomic": migration.get("atomic"),
                 "operations": len(migration.get("operations") or []),
-                "locking_risks": len([r for r in plan.get("locking_risks") or [] if r.get("migration") == migration.get("migration")]),
+                "locking_risks": len(
+                    [r for r in plan.get("locking_risks") or [] if r.get("migration") == migration.get("migration")]
+                ),
             }
         )
     return rows
@@ -295,7 +316,9 @@ def build_report(
             host: {
                 "started": rel(slot["started"]),
                 "ended": rel(slot["ended"]),
-                "seconds": round(slot["ended"] - slot["started"], 1) if slot["started"] is not None and slot["ended"] is not None else None,
+                "seconds": round(slot["ended"] - slot["started"], 1)
+                if slot["started"] is not None and slot["ended"] is not None
+                else None,
                 **{k: slot[k] for k in ("ok", "changed", "failed", "unreachable", "skipped")},
                 **({"batch": slot["batch"]} if slot.get("batch") else {}),
             }
@@ -361,10 +384,22 @@ def build_report(
 
 # ------------------------------------------------------------------------------------------ HTML
 STAGE_COLOURS = {
-    "validate": "#9e9e9e", "preflight": "#607d8b", "lock": "#795548", "prepare": "#3f51b5", "plan": "#009688",
-    "maintenance": "#ff9800", "backup": "#8bc34a", "migrate": "#e91e63", "switch": "#2196f3", "contract": "#9c27b0",
-    "verify": "#4caf50", "converge": "#f44336", "finish": "#455a64", "interrupted runs": "#ff5722", "undo": "#f44336",
-}  # fmt: skip
+    "validate": "#9e9e9e",
+    "preflight": "#607d8b",
+    "lock": "#795548",
+    "prepare": "#3f51b5",
+    "plan": "#009688",
+    "maintenance": "#ff9800",
+    "backup": "#8bc34a",
+    "migrate": "#e91e63",
+    "switch": "#2196f3",
+    "contract": "#9c27b0",
+    "verify": "#4caf50",
+    "converge": "#f44336",
+    "finish": "#455a64",
+    "interrupted runs": "#ff5722",
+    "undo": "#f44336",
+}
 
 
 def _colour(stage: str) -> str:
@@ -411,21 +446,22 @@ def render_html(report: dict[str, Any]) -> str:
             left = 100.0 * slot["started"] / total
             width = max(0.4, 100.0 * (slot["ended"] - slot["started"]) / total)
             failed = slot["failed"] or slot["unreachable"]
-            title = f"{stage['stage']} on {host}: {slot['started']}s to {slot['ended']}s ({slot['seconds']} s)" + (
-                f", batch {slot['batch']}" if slot.get("batch") else ""
-            ) + (" FAILED" if failed else "")
+            title = (
+                f"{stage['stage']} on {host}: {slot['started']}s to {slot['ended']}s ({slot['seconds']} s)"
+                + (f", batch {slot['batch']}" if slot.get("batch") else "")
+                + (" FAILED" if failed else "")
+            )
             bars.append(
                 f'<div class="bar{" failed" if failed else ""}" style="left:{left:.2f}%;width:{width:.2f}%;'
                 f'background:{_colour(stage["stage"])}" title="{esc(title)}"></div>'
             )
-        rows.append(f'<div class=row><div class=host>{esc(host)}</div><div class=lane>{"".join(bars)}</div></div>')
+        rows.append(f"<div class=row><div class=host>{esc(host)}</div><div class=lane>{''.join(bars)}</div></div>")
     legend = "".join(
         f'<span class=key><span class=swatch style="background:{_colour(s["stage"])}"></span>{esc(s["stage"])}</span>'
         for s in report["stages"]
     )
     ticks = "".join(
-        f'<span class=tick style="left:{100.0 * t / total:.2f}%">{t:.0f}s</span>'
-        for t in [total * i / 5 for i in range(6)]
+        f'<span class=tick style="left:{100.0 * t / total:.2f}%">{t:.0f}s</span>' for t in [total * i / 5 for i in range(6)]
     )
 
     summary = [
@@ -448,14 +484,25 @@ def render_html(report: dict[str, Any]) -> str:
     ]
     summary_html = "".join(f"<tr><th>{esc(k)}</th>{_cell(v)}</tr>" for k, v in summary)
     stage_rows = [
-        [s["stage"], s["started"], s["seconds"], (report.get("record_stages") or {}).get(s["stage"]), ", ".join(sorted(s["hosts"])),
-         s["batches"], "FAILED" if s["failed"] else "ok" if s["ran"] else "skipped"]
-        for s in report["stages"] if s["hosts"]
-    ]  # fmt: skip
+        [
+            s["stage"],
+            s["started"],
+            s["seconds"],
+            (report.get("record_stages") or {}).get(s["stage"]),
+            ", ".join(sorted(s["hosts"])),
+            s["batches"],
+            "FAILED" if s["failed"] else "ok" if s["ran"] else "skipped",
+        ]
+        for s in report["stages"]
+        if s["hosts"]
+    ]
     plan_rows_html = [
         [p["migration"], p["class"], p["reversible"], p["atomic"], p["operations"], p["locking_risks"]] for p in report["plan"]
     ]
-    deferred = [[d["migration"], d["kind"], d["table"], d["column"], " ".join(d["deferred_sql"] or [])] for d in report["deferred_statements"]]
+    deferred = [
+        [d["migration"], d["kind"], d["table"], d["column"], " ".join(d["deferred_sql"] or [])]
+        for d in report["deferred_statements"]
+    ]
     comparison = []
     validation = report.get("validation") or {}
     if validation:
@@ -487,14 +534,16 @@ body{{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222;max-width:1200px}
 h1{{font-size:1.4em}} h2{{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}}
 table{{border-collapse:collapse;margin:.5em 0}} th,td{{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}}
 th{{background:#f5f5f5}} code{{font-size:12px;white-space:pre-wrap;word-break:break-word}} .dim{{color:#999}}
-.badge{{padding:2px 8px;border-radius:4px;color:#fff}} .ok{{background:#2e7d32}} .warn{{background:#ef6c00}} .bad{{background:#c62828}}
+.badge{{padding:2px 8px;border-radius:4px;color:#fff}}
+.ok{{background:#2e7d32}} .warn{{background:#ef6c00}} .bad{{background:#c62828}}
 .row{{display:flex;align-items:center;height:22px}} .host{{width:90px;font-family:monospace}}
 .lane{{position:relative;flex:1;height:16px;background:#fafafa;border:1px solid #eee}}
 .bar{{position:absolute;top:1px;height:14px;border-radius:2px;opacity:.9}} .bar.failed{{outline:2px solid #c62828}}
 .axis{{position:relative;margin-left:90px;height:18px;font-size:11px;color:#777}} .tick{{position:absolute}}
 .key{{margin-right:12px;font-size:12px}} .swatch{{display:inline-block;width:10px;height:10px;margin-right:4px}}
 </style></head><body>
-<h1>{esc(str(report.get("project") or "?"))}: {esc(str(report.get("command")))} <span class="badge {badge}">exit {code}</span></h1>
+<h1>{esc(str(report.get("project") or "?"))}: {esc(str(report.get("command")))}
+<span class="badge {badge}">exit {code}</span></h1>
 <p>{esc(report.get("exit_meaning") or "")}</p>
 <h2>Summary</h2><table>{summary_html}</table>
 <h2>Stage timeline per host</h2>

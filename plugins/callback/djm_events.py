@@ -198,8 +198,12 @@ class CallbackModule(CallbackBase):
 
     def _end_stage(self) -> None:
         if self._stage is not None:
-            self._emit("stage_end", stage=self._stage["stage"], play=self._stage["play"],
-                       seconds=round(time.monotonic() - self._stage["started"], 2))  # fmt: skip
+            self._emit(
+                "stage_end",
+                stage=self._stage["stage"],
+                play=self._stage["play"],
+                seconds=round(time.monotonic() - self._stage["started"], 2),
+            )
             self._stage = None
 
     def v2_playbook_on_play_start(self, play: Any) -> None:
@@ -238,8 +242,14 @@ class CallbackModule(CallbackBase):
             self._watch(res, short)
         self._emit("host_result", **fields)
         if failed and not ignored:
-            self._emit("error", host=fields["host"], task=fields["task"], stage=fields["stage"], msg=fields.get("msg"),
-                       no_log=fields.get("no_log"))  # fmt: skip
+            self._emit(
+                "error",
+                host=fields["host"],
+                task=fields["task"],
+                stage=fields["stage"],
+                msg=fields.get("msg"),
+                no_log=fields.get("no_log"),
+            )
 
     def _watch(self, res: dict[str, Any], action: str) -> None:
         """The run id (a fact set on the controller) and the decisions of the run record."""
@@ -271,14 +281,24 @@ class CallbackModule(CallbackBase):
     def v2_playbook_on_stats(self, stats: Any) -> None:
         self._end_stage()
         hosts = {
-            host: {key: value for key, value in stats.summarize(host).items() if key in
-                   ("ok", "changed", "failures", "unreachable", "skipped", "rescued", "ignored")}
+            host: {
+                key: value
+                for key, value in stats.summarize(host).items()
+                if key in ("ok", "changed", "failures", "unreachable", "skipped", "rescued", "ignored")
+            }
             for host in sorted(stats.processed.keys())
-        }  # fmt: skip
+        }
         failed = any(s["failures"] or s["unreachable"] for s in hosts.values())
-        self._emit("run_end", run_id=self._run_id or None, project=self._project or None, hosts=hosts,
-                   failed=failed, result=self._record.get("result"), skipped_results=self._skipped,
-                   seconds=round(time.monotonic() - self._start, 2))  # fmt: skip
+        self._emit(
+            "run_end",
+            run_id=self._run_id or None,
+            project=self._project or None,
+            hosts=hosts,
+            failed=failed,
+            result=self._record.get("result"),
+            skipped_results=self._skipped,
+            seconds=round(time.monotonic() - self._start, 2),
+        )
         if self._handle is not None:
             self._handle.close()
             self._handle = None
