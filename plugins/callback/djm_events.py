@@ -11,9 +11,10 @@ description:
   - Writes C(<dir>/<project>/<run id>.jsonl) (the run id the playbooks make, C(djm_run_id); before it
     is known the file is named by the start time and the process id, and renamed once it is).
   - "Events: C(run_start), C(stage_start)/C(stage_end) (a stage is a play: the words before ' - ' in its
-    name, e.g. C(switch)), C(host_result) (ok, changed, failed, unreachable; skipped tasks are only
-    counted), C(run_id), C(decision) (what the run record says was decided: strategy, undo mode,
-    failure, backup id, result), C(error) (a failed task, rescued or not), C(run_end) (per host stats)."
+    name, e.g. C(switch)), C(batch) (a serial play's next batch of hosts), C(host_result) (ok, changed,
+    failed, unreachable; skipped tasks are only counted), C(run_id), C(decision) (what the run record
+    says was decided: strategy, undo mode, failure, backup id, result), C(error) (a failed task,
+    rescued or not), C(run_end) (per host stats)."
   - "Secrets: a result of a task with C(no_log) is written as its status only, never a message or a
     value; messages are only those of C(debug) tasks and failures (what the default callback prints);
     module arguments, extra vars and the command line are never written."
@@ -133,6 +134,7 @@ class CallbackModule(CallbackBase):
         self._record: dict[str, Any] = {}
         self._skipped = 0
         self._broken = False
+        self._batches: dict[str, int] = {}
 
     # ------------------------------------------------------------------ the file
     def _directory(self) -> str:
@@ -207,6 +209,12 @@ class CallbackModule(CallbackBase):
             self._stage = None
 
     def v2_playbook_on_play_start(self, play: Any) -> None:
+        # A play with `serial` starts again for each batch of hosts: the same play, batch k.
+        uuid = str(getattr(play, "_uuid", "") or id(play))
+        self._batches[uuid] = self._batches.get(uuid, 0) + 1
+        if self._batches[uuid] > 1 and self._stage is not None and self._stage["play"] == play.get_name():
+            self._emit("batch", stage=self._stage["stage"], play=self._stage["play"], batch=self._batches[uuid])
+            return
         self._end_stage()
         if not self._project:
             self._project = self._project_of(play)

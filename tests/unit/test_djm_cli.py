@@ -430,6 +430,14 @@ CALLBACK_PLAYBOOK = """
     - name: Say hello
       ansible.builtin.debug:
         msg: hello
+- name: Switch - one host at a time
+  hosts: all
+  gather_facts: false
+  serial: 1
+  tasks:
+    - name: Say which host
+      ansible.builtin.debug:
+        msg: "{{{{ inventory_hostname }}}}"
 - name: Switch - fail
   hosts: localhost
   gather_facts: false
@@ -460,7 +468,7 @@ def test_event_log_callback(tmp_path: Path) -> None:
             "-c",
             "local",
             "-i",
-            "localhost,",
+            "localhost,127.0.0.1,",
             "-e",
             f"ansible_python_interpreter={sys.executable}",
             str(playbook),
@@ -488,6 +496,8 @@ def test_event_log_callback(tmp_path: Path) -> None:
     hidden = [e for e in events if e["event"] == "host_result" and e.get("no_log")]
     assert len(hidden) == 3 and all("msg" not in e for e in hidden)
     assert any(e.get("msg") == "hello" for e in events)
+    batches = [(e["stage"], e["batch"]) for e in events if e["event"] == "batch"]
+    assert batches == [("switch", 2)]  # the serial play's second host
     errors = [e for e in events if e["event"] == "error"]
     assert [(e["stage"], e["msg"]) for e in errors] == [("switch", "boom")]  # the ignored failure is no error
     assert events[-1]["failed"] is True and events[-1]["run_id"] == RUN
