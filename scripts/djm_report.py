@@ -201,6 +201,10 @@ class Timeline:
             slot["started"] = start
         if end is not None and (slot["ended"] is None or end > slot["ended"]):
             slot["ended"] = end
+        if status != "skipped" and start is not None and end is not None:
+            # The host's work in this play (and batch): one bar of the timeline per segment.
+            segment = slot.setdefault("segments", {}).setdefault(f"{self._play_key}#{batch}", [start, end])
+            segment[0], segment[1] = min(segment[0], start), max(segment[1], end)
         if end is not None and (entry["ended"] is None or end > entry["ended"]):
             entry["ended"] = end
         if start is not None and (entry["started"] is None or start < entry["started"]):
@@ -321,6 +325,7 @@ def build_report(
                 else None,
                 **{k: slot[k] for k in ("ok", "changed", "failed", "unreachable", "skipped")},
                 **({"batch": slot["batch"]} if slot.get("batch") else {}),
+                "segments": [[rel(a), rel(b)] for a, b in sorted((slot.get("segments") or {}).values())],
             }
             for host, slot in entry["hosts"].items()
         }
@@ -441,20 +446,21 @@ def render_html(report: dict[str, Any]) -> str:
         bars = []
         for stage in report["stages"]:
             slot = stage["hosts"].get(host)
-            if not slot or slot["started"] is None or slot["ended"] is None:
+            if not slot:
                 continue
-            left = 100.0 * slot["started"] / total
-            width = max(0.4, 100.0 * (slot["ended"] - slot["started"]) / total)
             failed = slot["failed"] or slot["unreachable"]
-            title = (
-                f"{stage['stage']} on {host}: {slot['started']}s to {slot['ended']}s ({slot['seconds']} s)"
-                + (f", batch {slot['batch']}" if slot.get("batch") else "")
-                + (" FAILED" if failed else "")
-            )
-            bars.append(
-                f'<div class="bar{" failed" if failed else ""}" style="left:{left:.2f}%;width:{width:.2f}%;'
-                f'background:{_colour(stage["stage"])}" title="{esc(title)}"></div>'
-            )
+            for started, ended in slot.get("segments") or []:
+                left = 100.0 * started / total
+                width = max(0.4, 100.0 * (ended - started) / total)
+                title = (
+                    f"{stage['stage']} on {host}: {started}s to {ended}s ({ended - started:.1f} s)"
+                    + (f", batch {slot['batch']}" if slot.get("batch") else "")
+                    + (" FAILED" if failed else "")
+                )
+                bars.append(
+                    f'<div class="bar{" failed" if failed else ""}" style="left:{left:.2f}%;width:{width:.2f}%;'
+                    f'background:{_colour(stage["stage"])}" title="{esc(title)}"></div>'
+                )
         rows.append(f"<div class=row><div class=host>{esc(host)}</div><div class=lane>{''.join(bars)}</div></div>")
     legend = "".join(
         f'<span class=key><span class=swatch style="background:{_colour(s["stage"])}"></span>{esc(s["stage"])}</span>'

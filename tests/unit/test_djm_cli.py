@@ -318,6 +318,9 @@ def test_report_of_a_successful_run(tmp_path: Path) -> None:
     assert not by_stage["maintenance"]["ran"]  # only an include and a skipped task
     assert by_stage["switch"]["batches"] == 2
     assert by_stage["switch"]["hosts"]["app1"]["batch"] == 1 and by_stage["switch"]["hosts"]["app2"]["batch"] == 2
+    # The timeline draws each host's own work: app2 switched after app1, not the whole stage for both.
+    (app1,), (app2,) = by_stage["switch"]["hosts"]["app1"]["segments"], by_stage["switch"]["hosts"]["app2"]["segments"]
+    assert app1[1] - app1[0] >= 10 and app2[0] >= app1[1]
     assert report["strategy"] == "two_phase" and report["backup_id"] == f"pre-v2-{RUN}"
     assert report["backup"] == {"bytes": 1234, "files": 5, "verified": True}
     assert report["plan"][0]["migration"] == "catalog.0002_category" and report["plan"][0]["locking_risks"] == 1
