@@ -142,8 +142,8 @@ class Progress:
             if kind == "error":
                 self.line(f"✗ {stage:<12} {change['host']}: {change['task']}: {change['msg'][:400]}")
             elif kind == "record":
-                record = change["record"]
-                self.line(f"  {stage:<12} strategy {record.get('strategy')}: {record.get('strategy_reason', '')}")
+                for said in change["said"]:
+                    self.line(f"  {stage:<12} {said}")
             else:
                 self.transient(f"{stage:<12} {change['host']} {change['status']}: {change['task']}")
 

@@ -246,10 +246,17 @@ class Timeline:
             if args.get("project"):
                 self.project = str(args["project"])
             if isinstance(res.get("run"), dict):
-                before = self.record or {}
+                before = self.record
                 self.record = res["run"]
-                if res["run"].get("strategy") and res["run"].get("strategy") != before.get("strategy"):
-                    return {"kind": "record", "stage": stage_of(str(data.get("play") or "")), "record": self.record}
+                if before is not None:  # the first record seen is the one started, or read (rollback): no decision yet
+                    said = decisions(before, self.record)
+                    if said:
+                        return {
+                            "kind": "record",
+                            "stage": stage_of(str(data.get("play") or "")),
+                            "record": self.record,
+                            "said": said,
+                        }
             if "lock" in res and "last_run" in res:  # action read: status
                 self.lock_status = {"lock": res.get("lock"), "last_run": res.get("last_run")}
         if action == "stat" and str(data.get("task") or "").startswith("Read the release link"):
@@ -264,6 +271,21 @@ class Timeline:
             text = res["msg"] if isinstance(res["msg"], str) else "\n".join(map(str, res["msg"]))
             self.messages.append(text)
         return None
+
+
+def decisions(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """What a record update decided, in words: the strategy, the undo mode and its end, the result."""
+    said = []
+    if after.get("strategy") and after.get("strategy") != before.get("strategy"):
+        said.append(f"strategy {after['strategy']}: {after.get('strategy_reason', '')}")
+    old, new = before.get("converge") or {}, after.get("converge") or {}
+    if new.get("mode") and new.get("mode") != old.get("mode"):
+        said.append(f"undo by {new['mode']}" + (f" to {new['to']}" if new.get("to") else ""))
+    if new.get("failed") and new.get("failed") != old.get("failed"):
+        said.append(f"undo failed: {new['failed']}")
+    if after.get("result") and after.get("result") != before.get("result"):
+        said.append(f"result {after['result']}")
+    return said
 
 
 def _message(res: dict[str, Any]) -> str:

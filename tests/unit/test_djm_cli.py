@@ -394,7 +394,9 @@ def test_progress_shows_stages_batches_and_failures() -> None:
     progress = djm.Progress(Timeline(), stream=out, live=False)
     for event in migrate_stream(fail_at_migrate=True).events:
         progress.event(event)
-    assert "✗ migrate      app1: Run manage.py migrate in the new release: non-zero return code" in out.getvalue()
+    text = out.getvalue()
+    assert "✗ migrate      app1: Run manage.py migrate in the new release: non-zero return code" in text
+    assert "converge     undo by reverse to v1" in text and "finish       result rolled_back" in text
 
 
 # ------------------------------------------------------------------------------------------ the event log
