@@ -88,6 +88,7 @@ class Progress:
         self.started = time.monotonic()
         self.pending: dict[str, Any] = {}
         self.shown = ""
+        self.shown_play = ""
         self.status = ""
         self.batch_size = 1
         self.batch_done = 0
@@ -133,9 +134,13 @@ class Progress:
             self.pending = {**self.pending, "batch": change["batch"]}
         elif kind in ("result", "error", "record"):
             stage = change["stage"]
+            play = str(self.pending.get("play", ""))
             if stage != self.shown and self.pending.get("stage") == stage:
-                self.shown = stage
-                self.line(f"▸ {stage:<12} {self.pending.get('pattern', '')}   ({self.pending.get('play', '')})")
+                self.shown, self.shown_play = stage, play
+                self.line(f"▸ {stage:<12} {self.pending.get('pattern', '')}   ({play})")
+            elif stage == self.shown and play != self.shown_play and self.pending.get("stage") == stage:
+                self.shown_play = play  # another play of the same stage: say what it does
+                self.line(f"  {stage:<12} {play.split(' - ', 1)[-1]}")
             if kind == "result" and change.get("new_in_batch") and change["batch"] > 1:
                 total = djm_report.batch_total(self.batch_done, change["batch"], self.batch_size, self.total_hosts())
                 self.line(f"  {stage:<12} batch {change['batch']}/{total}: {change['host']}")
@@ -311,36 +316,36 @@ def print_summary(report: dict[str, Any]) -> None:
         )
     print_table(["stage", "start", "took", "hosts", "batches", "status"], rows)
     print()
+    rollback = report["command"] == "rollback"
+    converge = report.get("converge") or {}
+    failure = report.get("failure") or {}
     facts = [
         ("run", report.get("run_id")),
-        (
-            "run undone" if report["command"] == "rollback" else "",
-            report.get("record_run_id") if report["command"] == "rollback" else None,
-        ),
+        ("undoes", f"run {report.get('record_run_id')}" if rollback and report.get("record_run_id") else None),
         ("releases", f"{report.get('from_release')} -> {report.get('to_release')}" if report.get("to_release") else None),
-        ("strategy", f"{report['strategy']} ({report.get('strategy_reason')})" if report.get("strategy") else None),
-        ("plan", f"{len(report['plan'])} migration(s) pending" if report.get("plan") else None),
+        (
+            "strategy",
+            f"{report['strategy']} ({report.get('strategy_reason')})" if report.get("strategy") and not rollback else None,
+        ),
+        ("plan", f"{len(report['plan'])} migration(s) pending" if report.get("plan") and not rollback else None),
         ("backup", report.get("backup_id")),
-        ("applied", f"{len(report['migrations_applied'])} migration(s)" if report.get("migrations_applied") else None),
+        (
+            "applied",
+            f"{len(report['migrations_applied'])} migration(s)" if report.get("migrations_applied") and not rollback else None,
+        ),
         (
             "undo",
-            f"{report['converge'].get('mode')} -> {report['converge'].get('to')} ({report['converge'].get('result', '?')})"
-            if report.get("converge") and report["converge"].get("mode")
-            else None,
+            f"{converge.get('mode')} -> {converge.get('to')} ({converge.get('result', '?')})" if converge.get("mode") else None,
         ),
-        ("serving", ", ".join(f"{h} {r}" for h, r in sorted((report.get("serving") or {}).items())) or None),
+        # The hosts' releases as the run's finish read them (rollback.yml does not read them again: see `djm status`).
+        ("serving", ", ".join(f"{h} {r}" for h, r in sorted((report.get("serving") or {}).items())) if not rollback else None),
         ("result", report.get("result")),
-        (
-            "failure",
-            f"{report['failure'].get('stage')} on {report['failure'].get('host')}: {report['failure'].get('cause')}"
-            if report.get("failure")
-            else None,
-        ),
+        ("failure", f"{failure.get('stage')} on {failure.get('host')}: {failure.get('cause')}" if failure else None),
         ("took", f"{report['seconds']:.0f}s"),
         ("exit", f"{report['exit_code']}: {report['exit_meaning']}"),
     ]
     for key, value in facts:
-        if key and value:
+        if value:
             print(f"  {key:<9} {value}")
     for kind in ("json", "html", "events", "log"):
         if report["paths"].get(kind):

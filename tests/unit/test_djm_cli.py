@@ -184,6 +184,8 @@ def migrate_stream(fail_at_migrate: bool, undo_finished: bool = True) -> Stream:
             },
         }
         s.record("db1", record)
+        s.play_start("Converge - reverse the migrations with the new release's code", "app[0]")
+        s.result("app1", "Migrate back to the recorded nodes", res={"changed": True}, seconds=4)
         s.play_start("Finish - close the window, write the history, release the lock", "db[0]")
         record = {**record, "result": "rolled_back" if undo_finished else "failed", "serving": {"app1": "v1", "app2": "v1"}}
         s.record("db1", record)
@@ -397,6 +399,7 @@ def test_progress_shows_stages_batches_and_failures() -> None:
     text = out.getvalue()
     assert "✗ migrate      app1: Run manage.py migrate in the new release: non-zero return code" in text
     assert "converge     undo by reverse to v1" in text and "finish       result rolled_back" in text
+    assert "  converge     reverse the migrations with the new release's code" in text  # the stage's next play
 
 
 # ------------------------------------------------------------------------------------------ the event log
