@@ -341,6 +341,7 @@ def print_summary(report: dict[str, Any]) -> None:
         ("serving", ", ".join(f"{h} {r}" for h, r in sorted((report.get("serving") or {}).items())) if not rollback else None),
         ("result", report.get("result")),
         ("failure", f"{failure.get('stage')} on {failure.get('host')}: {failure.get('cause')}" if failure else None),
+        ("said", " ".join(str(report.get("said") or "").split())[:600] or None),
         ("took", f"{report['seconds']:.0f}s"),
         ("exit", f"{report['exit_code']}: {report['exit_meaning']}"),
     ]

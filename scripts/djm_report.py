@@ -114,6 +114,7 @@ class Timeline:
     serving: dict[str, str] = field(default_factory=dict)
     lock_status: dict[str, Any] | None = None
     messages: list[str] = field(default_factory=list)
+    said: str = ""  # the last debug message: the run's own last word (finish's report, "nothing to do")
     _plays: dict[str, int] = field(default_factory=dict)
     _play_key: str = ""
     _batch_hosts: dict[str, dict[int, list[str]]] = field(default_factory=dict)
@@ -267,9 +268,12 @@ class Timeline:
                 self.backups = json.loads(res.get("stdout") or "{}")
             except ValueError:
                 self.backups = None
-        if action == "debug" and isinstance(res.get("msg"), (str, list)):
+        if action in ("debug", "assert") and isinstance(res.get("msg"), (str, list)):
             text = res["msg"] if isinstance(res["msg"], str) else "\n".join(map(str, res["msg"]))
-            self.messages.append(text)
+            if text != "All assertions passed":
+                self.messages.append(text)
+            if action == "debug":
+                self.said = text
         return None
 
 
@@ -403,6 +407,7 @@ def build_report(
         "restored": record.get("restored"),
         "maintenance": record.get("maintenance"),
         "contract_pending": record.get("contract_pending"),
+        "said": timeline.said or None,
         "record": record or None,
         "paths": paths,
     }
@@ -501,6 +506,7 @@ def render_html(report: dict[str, Any]) -> str:
         ["duration", f"{report.get('seconds')} s"],
         ["result", report.get("result")],
         ["exit code", f"{code}: {report.get('exit_meaning')}"],
+        ["the run's last word", report.get("said")],
         ["releases", f"{report.get('from_release') or '-'} → {report.get('to_release') or '-'}"],
         ["serving now", report.get("serving")],
         ["strategy", f"{report.get('strategy') or '-'} ({report.get('strategy_reason') or '-'})"],

@@ -207,6 +207,9 @@ def migrate_stream(fail_at_migrate: bool, undo_finished: bool = True) -> Stream:
         s.play_start("Finish - close the window, write the history, release the lock", "db[0]")
         record = {**record, "result": "succeeded", "serving": {"app1": "v2", "app2": "v2"}}
         s.record("db1", record)
+        s.result(
+            "db1", "Report the run", res={"msg": f"Run {RUN}: succeeded; app hosts serve v2."}, action="ansible.builtin.debug"
+        )
     s.events.append(
         {"event": "playbook_on_stats", "created": s.stamp(), "event_data": {"ok": {"db1": 5}, "failures": {}, "dark": {}}}
     )
@@ -328,6 +331,7 @@ def test_report_of_a_successful_run(tmp_path: Path) -> None:
     assert report["plan"][0]["migration"] == "catalog.0002_category" and report["plan"][0]["locking_risks"] == 1
     assert len(report["migrations_applied"]) == 2
     assert report["errors"] == []
+    assert report["said"] == f"Run {RUN}: succeeded; app hosts serve v2."
 
 
 @pytest.mark.parametrize(("undo_finished", "expected"), [(True, EXIT_ROLLED_BACK), (False, EXIT_NEEDS_HUMAN)])
