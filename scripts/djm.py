@@ -62,6 +62,7 @@ import djm_report  # noqa: E402
 from djm_report import EXIT_OK, EXIT_REFUSED, Timeline  # noqa: E402
 
 VERSION = "1"
+RUNS_STARTED = 0  # playbook runs started by this process: a crash after one may have left changes
 
 
 class Refused(Exception):
@@ -204,6 +205,9 @@ def run_playbook(
     """Run a playbook of this repository with ansible-runner; every event goes through the timeline
     (and the progress display). Returns (succeeded, runner status, path of ansible's output kept)."""
     import ansible_runner  # imported here: --help works without it
+
+    global RUNS_STARTED
+    RUNS_STARTED += 1
 
     private = Path(tempfile.mkdtemp(prefix="djm-runner-"))
     events_file = REPO / "build" / "events" / f".running-{os.getpid()}.jsonl"
@@ -665,6 +669,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        return dispatch(args)
+    except Exception as exc:  # djm's own failure: never exit 1 ("rolled back cleanly") by accident
+        import traceback
+
+        traceback.print_exc()
+        started = RUNS_STARTED > 0 and (args.command in ("migrate", "rollback") or (args.command == "plan" and args.prepare))
+        code = djm_report.EXIT_NEEDS_HUMAN if started else EXIT_REFUSED
+        print(f"djm: {type(exc).__name__}: {exc}; exit {code}: {djm_report.EXIT_MEANINGS[code]}", file=sys.stderr)
+        return code
+
+
+def dispatch(args: argparse.Namespace) -> int:
     if args.command == "status":
         return command_status(args)
     if args.command == "backups":

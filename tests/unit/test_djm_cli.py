@@ -292,6 +292,18 @@ def test_bad_arguments_are_refused_with_exit_3() -> None:
     assert stop.value.code == EXIT_REFUSED
 
 
+def test_a_crash_of_djm_itself_never_exits_1(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def boom(*_args: Any, **_kwargs: Any) -> None:
+        raise RuntimeError("no runner")
+
+    monkeypatch.setattr(djm, "command_run", boom)
+    monkeypatch.setattr(djm, "RUNS_STARTED", 0)
+    assert djm.main(["migrate", "v2"]) == EXIT_REFUSED  # nothing was started
+    monkeypatch.setattr(djm, "RUNS_STARTED", 1)
+    assert djm.main(["migrate", "v2"]) == EXIT_NEEDS_HUMAN  # a run was under way
+    assert "RuntimeError: no runner" in capsys.readouterr().err
+
+
 def test_extra_var_names_never_values() -> None:
     args = djm.parse_args(["migrate", "-e", "project_release_id=v2 db_password=hunter2", "-e", '{"a": 1}', "-e", "@vars.yml"])
     names = djm.extra_var_names(args)
