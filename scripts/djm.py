@@ -225,12 +225,19 @@ def run_playbook(
     }
     cmdline = shlex.join([*extra, *ansible_args(args)])
     interrupted = {"flag": False}
+    broken: list[Exception] = []
 
     def on_event(event: dict[str, Any]) -> bool:
-        if progress is not None:
-            progress.event(event)
-        else:
-            timeline.feed(event)
+        # An exception here would end runner.run() mid-playbook: a display bug must never stop a migration.
+        if not broken:
+            try:
+                if progress is not None:
+                    progress.event(event)
+                else:
+                    timeline.feed(event)
+            except Exception as exc:
+                broken.append(exc)
+                print(f"djm: progress display stopped ({type(exc).__name__}: {exc}); the run goes on", file=sys.stderr)
         if args.output and event.get("stdout"):
             print(event["stdout"], flush=True)
         return False  # nothing kept under the runner's private directory

@@ -179,6 +179,9 @@ class Timeline:
         action = str(data.get("resolved_action") or data.get("task_action") or "").rsplit(".", 1)[-1]
         if action in ("include_tasks", "import_tasks", "include_role", "meta") and status == "ok":
             status = "skipped"  # an include or meta task is no work of its own: a stage of only those did nothing
+        delegated = (res.get("_ansible_delegated_vars") or {}).get("ansible_host")
+        if delegated in ("localhost", "127.0.0.1") and host != "localhost" and status == "ok":
+            status = "skipped"  # done on the controller for the play (a batches file, the run id): not this host's work
         entry = self.stage(stage_of(play))
         start, end = _seconds(data.get("start")), _seconds(data.get("end")) or when
         batch = self._plays.get(self._play_key, 1)

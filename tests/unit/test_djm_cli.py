@@ -148,6 +148,9 @@ def migrate_stream(fail_at_migrate: bool, undo_finished: bool = True) -> Stream:
     s.record("db1", record)
     s.play_start("Maintenance - open the window before the backup when the strategy needs it", "db[0]")
     s.result("db1", "Skip the stage if the run failed", action="include_tasks")
+    s.result(
+        "db1", "Remove a file on the controller", res={"_ansible_delegated_vars": {"ansible_host": "localhost"}}, action="file"
+    )
     s.result("db1", "Answer 503", status="skipped")
     s.play_start("Backup - a verified backup of the database, keyed by this run", "db[0]")
     record = {
