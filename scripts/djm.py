@@ -606,7 +606,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = Parser(prog="djm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"djm {VERSION} ({REPO})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
-    fmt = argparse.RawDescriptionHelpFormatter
+    fmt = argparse.HelpFormatter  # subcommand descriptions are paragraphs: wrapped
 
     plan = sub.add_parser(
         "plan",
