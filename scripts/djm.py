@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -275,6 +276,10 @@ def run_playbook(
 
 def file_outputs(timeline: Timeline, output_log: Path, reports_dir: Path) -> dict[str, str]:
     """Move ansible's output and the event log next to the report; the paths, by kind."""
+    running = REPO / "build" / "events" / f".running-{os.getpid()}.jsonl"
+    if not timeline.project and running.exists():
+        # A run stopped before the lock: the event log's callback read project_name from the inventory.
+        timeline.project = project_from_events(running)
     project = timeline.project or "_unknown"
     name = timeline.run_id or datetime.datetime.now(datetime.timezone.utc).strftime("refused-%Y%m%dT%H%M%SZ")
     where = reports_dir / project
@@ -284,13 +289,27 @@ def file_outputs(timeline: Timeline, output_log: Path, reports_dir: Path) -> dic
         shutil.move(str(output_log), paths["log"])
         os.chmod(paths["log"], 0o600)
         shutil.rmtree(output_log.parent, ignore_errors=True)
-    running = REPO / "build" / "events" / f".running-{os.getpid()}.jsonl"
     if running.exists():
         events = REPO / "build" / "events" / project / f"{name}.jsonl"
         events.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
         shutil.move(str(running), events)
         paths["events"] = str(events)
     return paths
+
+
+def project_from_events(path: Path) -> str:
+    """project_name as the event log's `project` line gives it ("" without one)."""
+    import json
+
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == "project" and isinstance(event.get("project"), str):
+                return re.sub(r"[^A-Za-z0-9._-]", "_", event["project"])
+    return ""
 
 
 # ------------------------------------------------------------------------------------------ output

@@ -307,6 +307,14 @@ def test_a_crash_of_djm_itself_never_exits_1(monkeypatch: pytest.MonkeyPatch, ca
     assert "RuntimeError: no runner" in capsys.readouterr().err
 
 
+def test_project_of_a_run_refused_before_the_lock_comes_from_the_event_log(tmp_path: Path) -> None:
+    log = tmp_path / "events.jsonl"
+    log.write_text('{"event": "run_start"}\nnot json\n{"event": "project", "project": "acme shop"}\n')
+    assert djm.project_from_events(log) == "acme_shop"
+    log.write_text('{"event": "run_start"}\n')
+    assert djm.project_from_events(log) == ""
+
+
 def test_extra_var_names_never_values() -> None:
     args = djm.parse_args(["migrate", "-e", "project_release_id=v2 db_password=hunter2", "-e", '{"a": 1}', "-e", "@vars.yml"])
     names = djm.extra_var_names(args)
