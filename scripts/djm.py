@@ -430,7 +430,15 @@ def command_run(args: argparse.Namespace) -> int:
     report = djm_report.build_report(
         args.command, timeline, code, argv_summary=summary, paths=paths, wall_started=wall, seconds=time.monotonic() - started
     )
-    djm_report.write_report(report)
+    if status in ("canceled", "timeout"):
+        report["interrupted"] = status
+        djm_report.write_report(report)
+        print(f"\n  stopped   {status}: ansible-playbook was stopped mid-run", end="")
+        if code == djm_report.EXIT_NEEDS_HUMAN:
+            print("; `djm rollback` finishes or undoes an interrupted run (rollback.yml)", end="")
+        print()
+    else:
+        djm_report.write_report(report)
     if args.command == "plan" and (timeline.record or {}).get("plan"):
         print_plan(report)
     print_summary(report)
