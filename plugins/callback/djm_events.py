@@ -210,7 +210,8 @@ class CallbackModule(CallbackBase):
 
     def v2_playbook_on_play_start(self, play: Any) -> None:
         # A play with `serial` starts again for each batch of hosts: the same play, batch k.
-        uuid = str(getattr(play, "_uuid", "") or id(play))
+        # (ansible-runner's stdout callback, called first, suffixes the uuid of a repeated play with _k.)
+        uuid = str(getattr(play, "_uuid", "") or id(play)).split("_")[0]
         self._batches[uuid] = self._batches.get(uuid, 0) + 1
         if self._batches[uuid] > 1 and self._stage is not None and self._stage["play"] == play.get_name():
             self._emit("batch", stage=self._stage["stage"], play=self._stage["play"], batch=self._batches[uuid])

@@ -536,3 +536,36 @@ def test_event_log_callback(tmp_path: Path) -> None:
     errors = [e for e in events if e["event"] == "error"]
     assert [(e["stage"], e["msg"]) for e in errors] == [("switch", "boom")]  # the ignored failure is no error
     assert events[-1]["failed"] is True and events[-1]["run_id"] == RUN
+
+
+def test_event_log_sees_batches_under_ansible_runner(tmp_path: Path) -> None:
+    """ansible-runner's own callback renames a repeated play's uuid (<uuid>_k) before ours sees it."""
+    import ansible_runner
+
+    (tmp_path / "hosts.ini").write_text(
+        f"h1 ansible_connection=local ansible_python_interpreter={sys.executable}\nh2 ansible_connection=local\n"
+    )
+    (tmp_path / "play.yml").write_text(
+        "- name: Switch - one host at a time\n  hosts: all\n  gather_facts: false\n  serial: 1\n"
+        "  vars:\n    ansible_python_interpreter: " + sys.executable + "\n"
+        "  tasks:\n    - name: Say which host\n      ansible.builtin.debug:\n        msg: hi\n"
+    )
+    log = tmp_path / "events.jsonl"
+    (tmp_path / "runner").mkdir()
+    runner = ansible_runner.run(
+        private_data_dir=str(tmp_path / "runner"),
+        playbook=str(tmp_path / "play.yml"),
+        inventory=str(tmp_path / "hosts.ini"),
+        quiet=True,
+        envvars={
+            "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
+            "ANSIBLE_CALLBACK_PLUGINS": str(REPO / "plugins" / "callback"),
+            "ANSIBLE_CALLBACKS_ENABLED": "djm_events",
+            "DJM_EVENTS_FILE": str(log),
+            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+        },
+    )
+    assert runner.status == "successful"
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(e["stage"], e["batch"]) for e in events if e["event"] == "batch"] == [("switch", 2)]
+    assert sorted(e["host"] for e in events if e["event"] == "host_result") == ["h1", "h2"]
