@@ -69,9 +69,7 @@ def check_binaries(path: str) -> None:
     for need in NEEDS:
         missing = [name for name in need.names if _find(name, path, need.helper) is None]
         if missing:
-            raise ProbeError(
-                f"{missing[0]} not found ({need.why}): apt-get install {need.package}, or run make setup"
-            )
+            raise ProbeError(f"{missing[0]} not found ({need.why}): apt-get install {need.package}, or run make setup")
 
 
 def _run(argv: list[str], env: dict[str, str], stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:

@@ -4,6 +4,7 @@
 #     tests start their own throwaway cluster; no system cluster is created), ssh client, rsync
 #   - the Python 3.11 virtualenv .venv with requirements.txt (re-installed only when it changes)
 #   - checks that the project-local containers.conf exists and that podman uses runc with it;
+#   - the `djm` console command: $VENV/bin/djm runs this checkout's scripts/djm.py with the venv's python;
 #   - probes at run time that podman runs a container on a network (scripts/probe_runtime.py).
 # It never touches /etc/containers. Each failure is one line saying what to do.
 set -euo pipefail
@@ -94,6 +95,21 @@ else
   "$PROMTOOL" --version >/dev/null 2>&1 || fail "$PROMTOOL does not run"
   changed "installed promtool into $VENV/bin"
 fi
+
+# --- the djm console command ------------------------------------------------------------------------
+# A two-line wrapper, not a package: this repository is not a Python package, and the CLI runs this
+# checkout's playbooks. Rewritten only when it differs (another checkout, another venv); then probed.
+DJM="$VENV/bin/djm"
+djm_wrapper="$(printf '#!/bin/sh\n# Written by make setup (scripts/setup.sh): the djm CLI of %s\nexec "%s" "%s" "$@"\n' \
+  "$REPO_ROOT" "$VENV/bin/python" "$REPO_ROOT/scripts/djm.py")"
+if [ -x "$DJM" ] && [ "$(cat "$DJM")" = "$djm_wrapper" ]; then
+  ok "$DJM runs $REPO_ROOT/scripts/djm.py"
+else
+  printf '%s\n' "$djm_wrapper" > "$DJM.tmp" && chmod 0755 "$DJM.tmp" && mv "$DJM.tmp" "$DJM" \
+    || fail "could not write $DJM: check that $VENV is writable"
+  changed "installed the djm command ($DJM)"
+fi
+"$DJM" --version >/dev/null 2>&1 || fail "$DJM --version failed: run $VENV/bin/python $REPO_ROOT/scripts/djm.py --version to see why"
 
 # --- podman with the project-local containers.conf ------------------------------------------------
 [ -f "$CONTAINERS_CONF" ] || fail "CONTAINERS_CONF file $CONTAINERS_CONF is missing: restore .config/containers/containers.conf"

@@ -351,12 +351,36 @@ def test_read_returns_lock_last_run_and_the_named_run(state: State) -> None:
 def test_loads_as_an_ansible_module_through_the_library_path(state: State) -> None:
     state.ok("lock", "run-a", data={"owner": "alice"})
     args = json.dumps({"action": "lock", "state_dir": str(state.dir), "project": PROJECT, "run_id": "run-b"})
-    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_STDOUT_CALLBACK": "json",
-           "ANSIBLE_LOAD_CALLBACK_PLUGINS": "1", "ANSIBLE_DEPRECATION_WARNINGS": "0"}
+    env = {
+        **os.environ,
+        "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
+        "ANSIBLE_STDOUT_CALLBACK": "json",
+        "ANSIBLE_LOAD_CALLBACK_PLUGINS": "1",
+        "ANSIBLE_DEPRECATION_WARNINGS": "0",
+    }
     proc = subprocess.run(
-        ["ansible", "localhost", "-i", "localhost,", "-c", "local", "-e", f"ansible_python_interpreter={sys.executable}",
-         "-m", "deploy_run", "-M", str(LIBRARY), "-a", args],
-        capture_output=True, text=True, timeout=120, check=False, env=env, cwd=REPO,
+        [
+            "ansible",
+            "localhost",
+            "-i",
+            "localhost,",
+            "-c",
+            "local",
+            "-e",
+            f"ansible_python_interpreter={sys.executable}",
+            "-m",
+            "deploy_run",
+            "-M",
+            str(LIBRARY),
+            "-a",
+            args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env,
+        cwd=REPO,
     )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     result = json.loads(proc.stdout)["plays"][0]["tasks"][0]["hosts"]["localhost"]

@@ -40,11 +40,7 @@ def mapped_variables() -> list[str]:
 def write_inventory(root: Path, all_vars: dict[str, object]) -> Path:
     (root / "group_vars" / "all").mkdir(parents=True)
     hosts = {
-        "all": {
-            "children": {
-                group: {"hosts": {f"{group}1": {"ansible_connection": "local"}}} for group in ("lb", "app", "db")
-            }
-        }
+        "all": {"children": {group: {"hosts": {f"{group}1": {"ansible_connection": "local"}}} for group in ("lb", "app", "db")}}
     }
     (root / "hosts.yml").write_text(yaml.safe_dump(hosts))
     (root / "group_vars" / "all" / "project.yml").write_text(yaml.safe_dump(all_vars))
@@ -55,7 +51,12 @@ def effective_config(entry_point: str, inventory: Path, config: Path | None = No
     env = dict(os.environ, ANSIBLE_CONFIG=str(config or REPO / "ansible.cfg"), ANSIBLE_STDOUT_CALLBACK="ansible.posix.json")
     proc = subprocess.run(
         ["ansible-playbook", "-i", str(inventory), entry_point, "--tags", "config", "--skip-tags", "always"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=180, check=False,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
     for secret in ("pw-never-shown-3141", "key-never-shown-2718"):
@@ -104,7 +105,12 @@ def test_a_foreign_ansible_cfg_is_refused(tmp_path: Path) -> None:
     env = dict(os.environ, ANSIBLE_CONFIG=str(foreign), ANSIBLE_NOCOLOR="1")
     proc = subprocess.run(
         ["ansible-playbook", "-i", str(inventory), "migrate.yml", "--tags", "validate"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=180, check=False,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
     )
     assert proc.returncode != 0
     assert "would override the inventory silently" in proc.stdout

@@ -52,7 +52,7 @@ def app_db(pg_cluster: Any) -> Iterator[str]:
         f'CREATE DATABASE "{DB}" OWNER bk_owner TEMPLATE template0',
         f'REVOKE ALL ON DATABASE "{DB}" FROM PUBLIC',
         f'GRANT CONNECT ON DATABASE "{DB}" TO bk_reader',
-        f"ALTER DATABASE \"{DB}\" SET search_path TO app, public",
+        f'ALTER DATABASE "{DB}" SET search_path TO app, public',
         f"COMMENT ON DATABASE \"{DB}\" IS 'backup test database'",
     )
     dsn = pg_cluster.dsn(DB)
@@ -91,8 +91,18 @@ def backup_args(pg_cluster: Any, backup_dir: Path, backup_id: str) -> list[str]:
 
 
 def restore_args(pg_cluster: Any, backup_dir: Path, *extra: str) -> list[str]:
-    return ["--backup-dir", str(backup_dir), "--dsn", pg_cluster.dsn(DB), "--bin-dir", str(pg_cluster.bindir),
-            "--database", DB, "--write-report", *extra]
+    return [
+        "--backup-dir",
+        str(backup_dir),
+        "--dsn",
+        pg_cluster.dsn(DB),
+        "--bin-dir",
+        str(pg_cluster.bindir),
+        "--database",
+        DB,
+        "--write-report",
+        *extra,
+    ]
 
 
 def manifest_of(backup_dir: Path, backup_id: str) -> dict[str, Any]:
@@ -120,8 +130,13 @@ def test_retention_keeps_last_n_and_deletes_the_rest() -> None:
 
 
 def test_retention_keeps_young_marked_and_unverified_backups() -> None:
-    backups = [info("old-marked", 30), info("old", 20), info("young", 1.5), info("newest", 0.5),
-               info("broken", 40, state="complete")]
+    backups = [
+        info("old-marked", 30),
+        info("old", 20),
+        info("young", 1.5),
+        info("newest", 0.5),
+        info("broken", 40, state="complete"),
+    ]
     keep, delete = psb.plan_retention(backups, keep_last=1, keep_days=2, now=NOW, protected=["old-marked"])
     assert delete == ["old"]
     assert keep["old-marked"] == ["named by the in-progress migration marker"]
@@ -166,8 +181,18 @@ def test_preflight_reports_versions_size_and_refuses_a_dir_inside_pgdata(pg_clus
     assert result["ok"], result["problems"]
     assert result["state"] == "absent" and result["db_size_bytes"] > 10_000_000
     assert result["pg_dump_major"] >= result["server_major"] == 15
-    inside = run(STORE_PROGRAM, "preflight", "--backup-dir", str(pg_cluster.datadir / "backups"), "--dsn", app_db,
-                 "--bin-dir", str(pg_cluster.bindir), "--id", "pre")
+    inside = run(
+        STORE_PROGRAM,
+        "preflight",
+        "--backup-dir",
+        str(pg_cluster.datadir / "backups"),
+        "--dsn",
+        app_db,
+        "--bin-dir",
+        str(pg_cluster.bindir),
+        "--id",
+        "pre",
+    )
     assert not inside["ok"] and any("inside the data directory" in p for p in inside["problems"])
     huge = run(STORE_PROGRAM, "preflight", *backup_args(pg_cluster, backup_dir, "pre"), "--margin", "1000000")
     assert any("not enough free space" in p for p in huge["problems"])
@@ -257,8 +282,9 @@ def test_corrupted_file_fails_verification(pg_cluster: Any, backup_dir: Path) ->
 def test_retention_command_honours_the_marker(backup_dir: Path, tmp_path: Path) -> None:
     marker = tmp_path / "marker"
     marker.write_text("rel-1\n")
-    plan = run(BACKUP_PROGRAM, "retention", "--backup-dir", str(backup_dir), "--keep-last", "1", "--marker", str(marker),
-               "--dry-run")
+    plan = run(
+        BACKUP_PROGRAM, "retention", "--backup-dir", str(backup_dir), "--keep-last", "1", "--marker", str(marker), "--dry-run"
+    )
     assert plan["delete"] == [] and "rel-1" in plan["keep"] and "rel-2" in plan["keep"]
     assert (backup_dir / "rel-1").is_dir()
     listing = run(STORE_PROGRAM, "list", "--backup-dir", str(backup_dir))
@@ -287,21 +313,41 @@ def test_restore_with_accepted_loss_swaps_and_keeps_the_failed_db(pg_cluster: An
     assert restored["restored_db"].startswith(f"{DB}__restore_")
     # the live database is untouched until the swap
     assert scalar(admin, f"SELECT oid FROM pg_database WHERE datname = '{DB}'") == live_oid
-    refused = run(RESTORE_PROGRAM, "swap", *restore_args(pg_cluster, backup_dir, "--id", "rel-2"),
-                  "--restored-db", restored["restored_db"], expect=3)
+    refused = run(
+        RESTORE_PROGRAM,
+        "swap",
+        *restore_args(pg_cluster, backup_dir, "--id", "rel-2"),
+        "--restored-db",
+        restored["restored_db"],
+        expect=3,
+    )
     assert refused["refused"]
     assert scalar(admin, f"SELECT datallowconn FROM pg_database WHERE datname = '{DB}'") is True
     assert scalar(admin, f"SELECT oid FROM pg_database WHERE datname = '{DB}'") == live_oid
-    swapped = run(RESTORE_PROGRAM, "swap", *restore_args(pg_cluster, backup_dir, "--id", "rel-2", "--accept-data-loss"),
-                  "--restored-db", restored["restored_db"])
+    swapped = run(
+        RESTORE_PROGRAM,
+        "swap",
+        *restore_args(pg_cluster, backup_dir, "--id", "rel-2", "--accept-data-loss"),
+        "--restored-db",
+        restored["restored_db"],
+    )
     failed = swapped["failed_db"]
     assert swapped["decision"] == "discard" and failed.startswith(f"{DB}__failed_")
     assert scalar(admin, f"SELECT oid FROM pg_database WHERE datname = '{failed}'") == live_oid
     assert scalar(pg_cluster.dsn(failed), "SELECT count(*) FROM app.customers WHERE id = 900001") == 1
     assert scalar(app_db, "SELECT count(*) FROM app.customers WHERE id = 900001") == 0
-    compare = subprocess.run([sys.executable, str(BACKUP_PROGRAM.parent / "db_fingerprint.py"), "compare",
-                              str(backup_dir / "rel-2" / "manifest.json"), f"dsn:{app_db}"], capture_output=True, text=True,
-                             check=False)
+    compare = subprocess.run(
+        [
+            sys.executable,
+            str(BACKUP_PROGRAM.parent / "db_fingerprint.py"),
+            "compare",
+            str(backup_dir / "rel-2" / "manifest.json"),
+            f"dsn:{app_db}",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert compare.returncode == 0, compare.stdout + compare.stderr
     # owner, grants, settings and comment came along
     assert scalar(admin, f"SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = '{DB}'") == "bk_owner"
@@ -310,7 +356,8 @@ def test_restore_with_accepted_loss_swaps_and_keeps_the_failed_db(pg_cluster: An
     assert scalar(app_db, "SELECT current_setting('search_path')") == "app, public"
     assert scalar(app_db, "SELECT has_table_privilege('bk_reader', 'app.orders', 'SELECT')") is True
     assert scalar(admin, f"SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = '{DB}'") == (
-        "backup test database")
+        "backup test database"
+    )
     again = run(RESTORE_PROGRAM, "check", *restore_args(pg_cluster, backup_dir, "--id", "rel-2"))
     assert again["already_restored"] is True
     kept = run(RESTORE_PROGRAM, "failed-retention", "--dsn", app_db, "--database", DB, "--keep", "0", "--dry-run")

@@ -133,8 +133,19 @@ def test_precheck_accepts_the_writes_when_an_export_is_asked_for(pg_cluster: Any
 
 def test_export_holds_every_row_that_differs_per_table(pg_cluster: Any, scene: dict[str, Any]) -> None:
     out = scene["export"]
-    result = run("export", *args(pg_cluster, scene, "--export-dir", str(out), "--restored-db", scene["restored"],
-                                 "--export-exclude", "django_migrations"))
+    result = run(
+        "export",
+        *args(
+            pg_cluster,
+            scene,
+            "--export-dir",
+            str(out),
+            "--restored-db",
+            scene["restored"],
+            "--export-exclude",
+            "django_migrations",
+        ),
+    )
     tables = result["tables"]
     # users' and the half-done migration's rows alike: the tool cannot tell them apart, the operator can
     # orders 1..10 rewritten by the migration (3 deleted since), 100 by a user; 3 and customer 199's 15 deleted

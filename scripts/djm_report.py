@@ -1,0 +1,621 @@
+"""The djm CLI's run report: exit codes, the report built from runner events and the run record, its HTML page.
+
+Pure functions on plain data (no ansible-runner, no hosts), so recorded event streams and run records
+can be fed to them in tests.
+"""
+
+from __future__ import annotations
+
+import datetime
+import html
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run_record import stage_seconds
+
+# ------------------------------------------------------------------------------------------ exit codes
+EXIT_OK = 0
+EXIT_ROLLED_BACK = 1
+EXIT_NEEDS_HUMAN = 2
+EXIT_REFUSED = 3
+
+EXIT_MEANINGS = {
+    EXIT_OK: "success",
+    EXIT_ROLLED_BACK: "failed, and rolled back cleanly: every app host serves the release the run started from",
+    EXIT_NEEDS_HUMAN: (
+        "failed, and needs a human: the undo did not finish, or the run was interrupted (read the report, then rollback)"
+    ),
+    EXIT_REFUSED: "refused before any change (bad input, an unreachable host, a held lock, nothing to undo)",
+}
+
+
+def stage_of(play_name: str) -> str:
+    """The stage a play stands for: the words before ' - ' in its name (`Switch - one app host at a
+    time` -> switch), else its name's first word (`Validate the inventory` -> validate). The event
+    log callback (plugins/callback/djm_events.py) names stages the same way."""
+    name = (play_name or "").strip()
+    if " - " in name:
+        return name.split(" - ", 1)[0].strip().lower()
+    return (name.split() or ["play"])[0].lower()
+
+
+def exit_code(
+    command: str, succeeded: bool, run_id: str, record: dict[str, Any] | None, failed_roles: list[str] | None = None
+) -> int:
+    """The CLI's exit code for a playbook run.
+
+    command      plan, plan-prepare, migrate, rollback, status, backups-list, backups-verify
+    succeeded    ansible-playbook ended with rc 0
+    run_id       the id this run made (djm_run_id), "" when it never got that far
+    record       the last run record the run wrote or read (deploy_run's `run`); for rollback, the
+                 record of the run it undoes
+    failed_roles roles of the tasks that failed (backups verify: a failure inside pg_restore's check
+                 is a backup that cannot be trusted)
+    """
+    if succeeded:
+        return EXIT_OK
+    if command in ("status", "backups-list"):
+        return EXIT_REFUSED  # read-only: nothing was changed
+    if command == "backups-verify":
+        return EXIT_NEEDS_HUMAN if "pg_restore" in (failed_roles or []) else EXIT_REFUSED
+    if command == "plan":
+        return EXIT_REFUSED  # --check: nothing was written, whatever failed
+    # plan-prepare (-e migrate_plan_only=true) prepares the release: a failure is judged as a migrate's.
+    if command == "rollback":
+        requested = (record or {}).get("rollback_requested") or {}
+        if not run_id or requested.get("by_run") != run_id:
+            return EXIT_REFUSED  # no recorded run, a held lock, a host down: the rollback never started
+        return EXIT_NEEDS_HUMAN
+    # migrate (and a plan that prepared): the record is this run's once the lock was taken.
+    if not record or not run_id or record.get("run_id") != run_id:
+        return EXIT_REFUSED
+    if record.get("result") == "rolled_back":
+        return EXIT_ROLLED_BACK
+    return EXIT_NEEDS_HUMAN  # result failed (the undo did not finish), or no result: interrupted
+
+
+# ------------------------------------------------------------------------------------------ events
+def _seconds(stamp: str | None) -> float | None:
+    if not stamp:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+RESULT_EVENTS = {
+    "runner_on_ok": "ok",
+    "runner_on_failed": "failed",
+    "runner_on_unreachable": "unreachable",
+    "runner_on_skipped": "skipped",
+}
+
+
+@dataclass
+class Timeline:
+    """What the runner events say about a run: stages (in order) with their hosts, batches, errors."""
+
+    started: float | None = None
+    ended: float | None = None
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    stats: dict[str, dict[str, int]] = field(default_factory=dict)
+    run_id: str = ""
+    project: str = ""
+    record: dict[str, Any] | None = None
+    backups: dict[str, Any] | None = None
+    serving: dict[str, str] = field(default_factory=dict)
+    lock_status: dict[str, Any] | None = None
+    messages: list[str] = field(default_factory=list)
+    said: str = ""  # the last debug message: the run's own last word (finish's report, "nothing to do")
+    _plays: dict[str, int] = field(default_factory=dict)
+    _play_key: str = ""
+    _batch_hosts: dict[str, dict[int, list[str]]] = field(default_factory=dict)
+
+    def stage(self, name: str) -> dict[str, Any]:
+        for entry in self.stages:
+            if entry["stage"] == name:
+                return entry
+        entry = {"stage": name, "plays": [], "started": None, "ended": None, "hosts": {}, "batches": 0}
+        self.stages.append(entry)
+        return entry
+
+    def feed(self, event: dict[str, Any]) -> dict[str, Any] | None:
+        """Take one runner event; returns what changed that a progress display may show:
+        {"kind": "stage"|"batch"|"result"|"record", ...} or None."""
+        kind = event.get("event", "")
+        data = event.get("event_data") or {}
+        when = _seconds(event.get("created"))
+        if when is not None:
+            self.started = when if self.started is None else min(self.started, when)
+            self.ended = when if self.ended is None else max(self.ended, when)
+        if kind == "playbook_on_play_start":
+            play = str(data.get("play") or data.get("name") or "")
+            name = stage_of(play)
+            # A play with `serial` starts once per batch, under the same uuid (the runner suffixes _k).
+            base_uuid = str(data.get("play_uuid") or play).split("_")[0]
+            repeats = self._plays.get(base_uuid, 0) + 1
+            self._plays[base_uuid] = repeats
+            self._play_key = base_uuid
+            entry = self.stage(name)
+            if play not in entry["plays"]:
+                entry["plays"].append(play)
+            if repeats > 1:
+                entry["batches"] = max(entry["batches"], repeats)
+                if repeats == 2:  # the play is batched: its first batch is batch 1
+                    for host in self._batch_hosts.get(base_uuid, {}).get(1, []):
+                        entry["hosts"][host]["batch"] = 1
+                previous = self._batch_hosts.get(base_uuid, {}).get(repeats - 1, [])
+                return {
+                    "kind": "batch",
+                    "stage": name,
+                    "batch": repeats,
+                    "play": play,
+                    "previous": previous,
+                    "done": sum(len(v) for k, v in self._batch_hosts.get(base_uuid, {}).items() if k < repeats),
+                }
+            return {"kind": "stage", "stage": name, "play": play, "pattern": data.get("play_pattern", "")}
+        if kind in RESULT_EVENTS:
+            return self._result(RESULT_EVENTS[kind], data, when)
+        if kind == "playbook_on_stats":
+            for key in ("ok", "changed", "failures", "dark", "skipped", "rescued", "ignored"):
+                for host, count in (data.get(key) or {}).items():
+                    self.stats.setdefault(host, {})[key if key != "dark" else "unreachable"] = count
+        return None
+
+    def _result(self, status: str, data: dict[str, Any], when: float | None) -> dict[str, Any] | None:
+        host = str(data.get("host") or "?")
+        play = str(data.get("play") or "")
+        res = data.get("res") if isinstance(data.get("res"), dict) else {}
+        if status == "ok" and res.get("changed"):
+            status = "changed"
+        action = str(data.get("resolved_action") or data.get("task_action") or "").rsplit(".", 1)[-1]
+        if action in ("include_tasks", "import_tasks", "include_role", "meta") and status == "ok":
+            status = "skipped"  # an include or meta task is no work of its own: a stage of only those did nothing
+        delegated = (res.get("_ansible_delegated_vars") or {}).get("ansible_host")
+        if delegated in ("localhost", "127.0.0.1") and host != "localhost" and status == "ok":
+            status = "skipped"  # done on the controller for the play (a batches file, the run id): not this host's work
+        entry = self.stage(stage_of(play))
+        start, end = _seconds(data.get("start")), _seconds(data.get("end")) or when
+        batch = self._plays.get(self._play_key, 1)
+        slot = entry["hosts"].setdefault(
+            host,
+            {"started": start, "ended": end, "ok": 0, "changed": 0, "failed": 0, "unreachable": 0, "skipped": 0, "batch": None},
+        )
+        slot[status] += 1
+        if status != "skipped":
+            batches = self._batch_hosts.setdefault(self._play_key, {})
+            if host not in batches.setdefault(batch, []):
+                batches[batch].append(host)
+                new_in_batch = True
+            else:
+                new_in_batch = False
+            if batch > 1 or entry["batches"]:
+                slot["batch"] = batch
+        else:
+            new_in_batch = False
+        if start is not None and (slot["started"] is None or start < slot["started"]):
+            slot["started"] = start
+        if end is not None and (slot["ended"] is None or end > slot["ended"]):
+            slot["ended"] = end
+        if status != "skipped" and start is not None and end is not None:
+            # The host's work in this play (and batch): one bar of the timeline per segment.
+            segment = slot.setdefault("segments", {}).setdefault(f"{self._play_key}#{batch}", [start, end])
+            segment[0], segment[1] = min(segment[0], start), max(segment[1], end)
+        if end is not None and (entry["ended"] is None or end > entry["ended"]):
+            entry["ended"] = end
+        if start is not None and (entry["started"] is None or start < entry["started"]):
+            entry["started"] = start
+        change = self._watch(res, data, host)
+        if status in ("failed", "unreachable") and not data.get("ignore_errors"):
+            error = {
+                "stage": entry["stage"],
+                "host": host,
+                "task": str(data.get("task") or ""),
+                "role": str(data.get("role") or ""),
+                "msg": _message(res),
+                "status": status,
+            }
+            self.errors.append(error)
+            return {"kind": "error", **error}
+        if change:
+            return change
+        if status == "skipped":
+            return None
+        return {
+            "kind": "result",
+            "stage": entry["stage"],
+            "host": host,
+            "status": status,
+            "task": str(data.get("task") or ""),
+            "batch": batch,
+            "new_in_batch": new_in_batch,
+        }
+
+    def _watch(self, res: dict[str, Any], data: dict[str, Any], host: str) -> dict[str, Any] | None:
+        """The facts a report needs, as the run's own tasks return them."""
+        facts = res.get("ansible_facts") if isinstance(res.get("ansible_facts"), dict) else {}
+        if facts.get("djm_run_id") and not self.run_id:
+            self.run_id = str(facts["djm_run_id"])
+        action = str(data.get("resolved_action") or data.get("task_action") or "").rsplit(".", 1)[-1]
+        if action == "deploy_run":
+            args = (res.get("invocation") or {}).get("module_args") or {}
+            if args.get("project"):
+                self.project = str(args["project"])
+            if isinstance(res.get("run"), dict):
+                before = self.record
+                self.record = res["run"]
+                if before is not None:  # the first record seen is the one started, or read (rollback): no decision yet
+                    said = decisions(before, self.record)
+                    if said:
+                        return {
+                            "kind": "record",
+                            "stage": stage_of(str(data.get("play") or "")),
+                            "record": self.record,
+                            "said": said,
+                        }
+            if "lock" in res and "last_run" in res:  # action read: status
+                self.lock_status = {"lock": res.get("lock"), "last_run": res.get("last_run")}
+        if action == "stat" and str(data.get("task") or "").startswith("Read the release link"):
+            target = ((res.get("stat") or {}).get("lnk_target")) or ""
+            self.serving[host] = target.rstrip("/").rsplit("/", 1)[-1] if target else ""
+        if action == "script" and str(data.get("task") or "").startswith("List the backups"):
+            try:
+                self.backups = json.loads(res.get("stdout") or "{}")
+            except ValueError:
+                self.backups = None
+        if action in ("debug", "assert") and isinstance(res.get("msg"), (str, list)):
+            text = res["msg"] if isinstance(res["msg"], str) else "\n".join(map(str, res["msg"]))
+            if text != "All assertions passed":
+                self.messages.append(text)
+            if action == "debug":
+                self.said = text
+        return None
+
+
+def decisions(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """What a record update decided, in words: the strategy, the undo mode and its end, the result."""
+    said = []
+    if after.get("strategy") and after.get("strategy") != before.get("strategy"):
+        said.append(f"strategy {after['strategy']}: {after.get('strategy_reason', '')}")
+    old, new = before.get("converge") or {}, after.get("converge") or {}
+    if new.get("mode") and new.get("mode") != old.get("mode"):
+        said.append(f"undo by {new['mode']}" + (f" to {new['to']}" if new.get("to") else ""))
+    if new.get("failed") and new.get("failed") != old.get("failed"):
+        said.append(f"undo failed: {new['failed']}")
+    if after.get("result") and after.get("result") != before.get("result"):
+        said.append(f"result {after['result']}")
+    return said
+
+
+def _message(res: dict[str, Any]) -> str:
+    parts = []
+    if res.get("msg"):
+        parts.append(str(res["msg"]))
+    stderr = [line for line in (res.get("stderr_lines") or []) if str(line).strip()]
+    if stderr:
+        parts.append(str(stderr[-1]))
+    text = ": ".join(parts).strip()
+    return text[:2000]
+
+
+# ------------------------------------------------------------------------------------------ the report
+def plan_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+    plan = record.get("plan") or {}
+    rows = []
+    for migration in plan.get("migrations") or []:
+        rows.append(
+            {
+                "migration": migration.get("migration"),
+                "class": migration.get("class"),
+                "reversible": migration.get("reversible"),
+                "atomic": migration.get("atomic"),
+                "operations": len(migration.get("operations") or []),
+                "locking_risks": len(
+                    [r for r in plan.get("locking_risks") or [] if r.get("migration") == migration.get("migration")]
+                ),
+            }
+        )
+    return rows
+
+
+def build_report(
+    command: str,
+    timeline: Timeline,
+    code: int,
+    *,
+    argv_summary: dict[str, Any],
+    paths: dict[str, str],
+    wall_started: str,
+    seconds: float,
+) -> dict[str, Any]:
+    """The run report (JSON): stages with durations and hosts, plan, strategy, backup, migrations, result."""
+    record = timeline.record or {}
+    origin = timeline.started or 0.0
+
+    def rel(value: float | None) -> float | None:
+        return None if value is None else round(value - origin, 1)
+
+    stages = []
+    for entry in timeline.stages:
+        hosts = {
+            host: {
+                "started": rel(slot["started"]),
+                "ended": rel(slot["ended"]),
+                "seconds": round(slot["ended"] - slot["started"], 1)
+                if slot["started"] is not None and slot["ended"] is not None
+                else None,
+                **{k: slot[k] for k in ("ok", "changed", "failed", "unreachable", "skipped")},
+                **({"batch": slot["batch"]} if slot.get("batch") else {}),
+                "segments": [[rel(a), rel(b)] for a, b in sorted((slot.get("segments") or {}).values())],
+            }
+            for host, slot in entry["hosts"].items()
+        }
+        started, ended = entry["started"], entry["ended"]
+        stages.append(
+            {
+                "stage": entry["stage"],
+                "plays": entry["plays"],
+                "started": rel(started),
+                "ended": rel(ended),
+                "seconds": round(ended - started, 1) if started is not None and ended is not None else None,
+                "hosts": hosts,
+                "batches": entry["batches"] or None,
+                "failed": any(h["failed"] or h["unreachable"] for h in hosts.values()),
+                "ran": any(h["ok"] or h["changed"] or h["failed"] or h["unreachable"] for h in hosts.values()),
+            }
+        )
+    converge = record.get("converge") or {}
+    applied = record.get("applied") or converge.get("applied") or []
+    report: dict[str, Any] = {
+        "format": 1,
+        "command": command,
+        "project": timeline.project or None,
+        "run_id": timeline.run_id or None,
+        "record_run_id": record.get("run_id"),
+        "started": wall_started,
+        "seconds": round(seconds, 1),
+        "exit_code": code,
+        "exit_meaning": EXIT_MEANINGS[code],
+        "result": record.get("result") if record.get("run_id") == timeline.run_id or command == "rollback" else None,
+        "arguments": argv_summary,
+        "from_release": record.get("from_release"),
+        "to_release": record.get("to_release"),
+        "serving": record.get("serving"),
+        "strategy": record.get("strategy"),
+        "strategy_reason": record.get("strategy_reason"),
+        "backup_id": record.get("backup_id"),
+        "backup": (record.get("stages") or {}).get("backup"),
+        "migrations_applied": applied,
+        "plan": plan_rows(record),
+        "deferred_statements": [
+            {k: s.get(k) for k in ("migration", "kind", "table", "column", "deferred_sql", "interim_sql")}
+            for s in (record.get("plan") or {}).get("deferred_statements") or []
+        ],
+        "record_stages": stage_seconds(record),
+        "stages": stages,
+        "hosts": sorted({h for s in stages for h in s["hosts"]}),
+        "host_stats": timeline.stats,
+        "errors": timeline.errors,
+        "failure": record.get("failure"),
+        "converge": converge or None,
+        "validation": record.get("validation"),
+        "restored": record.get("restored"),
+        "maintenance": record.get("maintenance"),
+        "contract_pending": record.get("contract_pending"),
+        "said": timeline.said or None,
+        "record": record or None,
+        "paths": paths,
+    }
+    return report
+
+
+# ------------------------------------------------------------------------------------------ HTML
+STAGE_COLOURS = {
+    "validate": "#9e9e9e",
+    "preflight": "#607d8b",
+    "lock": "#795548",
+    "prepare": "#3f51b5",
+    "plan": "#009688",
+    "maintenance": "#ff9800",
+    "backup": "#8bc34a",
+    "migrate": "#e91e63",
+    "switch": "#2196f3",
+    "contract": "#9c27b0",
+    "verify": "#4caf50",
+    "converge": "#f44336",
+    "finish": "#455a64",
+    "interrupted runs": "#ff5722",
+    "undo": "#f44336",
+}
+
+
+def _colour(stage: str) -> str:
+    if stage in STAGE_COLOURS:
+        return STAGE_COLOURS[stage]
+    return "#%06x" % (abs(hash(stage)) % 0xFFFFFF)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "<td class=dim>-</td>"
+    if isinstance(value, bool):
+        return f"<td>{'yes' if value else 'no'}</td>"
+    if isinstance(value, (list, dict)):
+        return f"<td><code>{html.escape(json.dumps(value, sort_keys=True))}</code></td>"
+    return f"<td>{html.escape(str(value))}</td>"
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    if not rows:
+        return "<p class=dim>none</p>"
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_html(report: dict[str, Any]) -> str:
+    """A self-contained page of the run (no script, no external file): summary, stage timeline per
+    host, stages, plan, fingerprint comparison, errors."""
+    esc = html.escape
+    code = report["exit_code"]
+    badge = {0: "ok", 1: "warn", 2: "bad", 3: "warn"}[code]
+    total = max([report.get("seconds") or 0.0] + [s["ended"] or 0.0 for s in report["stages"]]) or 1.0
+    hosts = report["hosts"]
+
+    # The timeline: one row per host, one bar per stage the host took part in.
+    rows = []
+    for host in hosts:
+        bars = []
+        for stage in report["stages"]:
+            slot = stage["hosts"].get(host)
+            if not slot:
+                continue
+            failed = slot["failed"] or slot["unreachable"]
+            for started, ended in slot.get("segments") or []:
+                left = 100.0 * started / total
+                width = max(0.4, 100.0 * (ended - started) / total)
+                title = (
+                    f"{stage['stage']} on {host}: {started}s to {ended}s ({ended - started:.1f} s)"
+                    + (f", batch {slot['batch']}" if slot.get("batch") else "")
+                    + (" FAILED" if failed else "")
+                )
+                bars.append(
+                    f'<div class="bar{" failed" if failed else ""}" style="left:{left:.2f}%;width:{width:.2f}%;'
+                    f'background:{_colour(stage["stage"])}" title="{esc(title)}"></div>'
+                )
+        rows.append(f"<div class=row><div class=host>{esc(host)}</div><div class=lane>{''.join(bars)}</div></div>")
+    legend = "".join(
+        f'<span class=key><span class=swatch style="background:{_colour(s["stage"])}"></span>{esc(s["stage"])}</span>'
+        for s in report["stages"]
+    )
+    ticks = "".join(
+        f'<span class=tick style="left:{100.0 * t / total:.2f}%">{t:.0f}s</span>' for t in [total * i / 5 for i in range(6)]
+    )
+
+    summary = [
+        ["project", report.get("project")],
+        ["command", report.get("command")],
+        ["run", report.get("run_id")],
+        ["run undone" if report.get("command") == "rollback" else "record", report.get("record_run_id")],
+        ["started (UTC)", report.get("started")],
+        ["duration", f"{report.get('seconds')} s"],
+        ["result", report.get("result")],
+        ["exit code", f"{code}: {report.get('exit_meaning')}"],
+        ["the run's last word", report.get("said")],
+        ["releases", f"{report.get('from_release') or '-'} → {report.get('to_release') or '-'}"],
+        ["serving now", report.get("serving")],
+        ["strategy", f"{report.get('strategy') or '-'} ({report.get('strategy_reason') or '-'})"],
+        ["backup", report.get("backup_id")],
+        ["migrations applied", len(report.get("migrations_applied") or [])],
+        ["undo", report.get("converge")],
+        ["failure", report.get("failure")],
+        ["maintenance window", report.get("maintenance")],
+    ]
+    summary_html = "".join(f"<tr><th>{esc(k)}</th>{_cell(v)}</tr>" for k, v in summary)
+    stage_rows = [
+        [
+            s["stage"],
+            s["started"],
+            s["seconds"],
+            (report.get("record_stages") or {}).get(s["stage"]),
+            ", ".join(sorted(s["hosts"])),
+            s["batches"],
+            "FAILED" if s["failed"] else "ok" if s["ran"] else "skipped",
+        ]
+        for s in report["stages"]
+        if s["hosts"]
+    ]
+    plan_rows_html = [
+        [p["migration"], p["class"], p["reversible"], p["atomic"], p["operations"], p["locking_risks"]] for p in report["plan"]
+    ]
+    deferred = [
+        [d["migration"], d["kind"], d["table"], d["column"], " ".join(d["deferred_sql"] or [])]
+        for d in report["deferred_statements"]
+    ]
+    comparison = []
+    validation = report.get("validation") or {}
+    if validation:
+        comparison += [
+            ["compared against backup", validation.get("against")],
+            ["schema equal to the backup's", validation.get("schema_equal")],
+            ["django_migrations equal to the backup's", validation.get("migrations_equal")],
+            ["tables users wrote since (rows)", validation.get("tables_changed")],
+            ["indexes renamed", validation.get("renamed_indexes")],
+        ]
+    restored = report.get("restored") or {}
+    if restored:
+        comparison += [
+            ["restored backup (fingerprints proven before the swap)", restored.get("backup_id")],
+            ["replaced database kept as", restored.get("failed_db")],
+            ["rows exported before the restore", restored.get("export")],
+        ]
+    backup = report.get("backup") or {}
+    if backup:
+        comparison += [["backup of this run", {k: backup.get(k) for k in ("bytes", "files", "verified") if k in backup}]]
+    comparison_html = "".join(f"<tr><th>{esc(k)}</th>{_cell(v)}</tr>" for k, v in comparison) or ""
+    errors = [[e["stage"], e["host"], e["task"], e["msg"]] for e in report["errors"]]
+
+    return f"""<!doctype html>
+<html lang=en><head><meta charset=utf-8>
+<title>{esc(str(report.get("project") or ""))} {esc(str(report.get("command")))} {esc(str(report.get("run_id") or ""))}</title>
+<style>
+body{{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222;max-width:1200px}}
+h1{{font-size:1.4em}} h2{{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}}
+table{{border-collapse:collapse;margin:.5em 0}} th,td{{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}}
+th{{background:#f5f5f5}} code{{font-size:12px;white-space:pre-wrap;word-break:break-word}} .dim{{color:#999}}
+.badge{{padding:2px 8px;border-radius:4px;color:#fff}}
+.ok{{background:#2e7d32}} .warn{{background:#ef6c00}} .bad{{background:#c62828}}
+.row{{display:flex;align-items:center;height:22px}} .host{{width:90px;font-family:monospace}}
+.lane{{position:relative;flex:1;height:16px;background:#fafafa;border:1px solid #eee}}
+.bar{{position:absolute;top:1px;height:14px;border-radius:2px;opacity:.9}} .bar.failed{{outline:2px solid #c62828}}
+.axis{{position:relative;margin-left:90px;height:18px;font-size:11px;color:#777}} .tick{{position:absolute}}
+.key{{margin-right:12px;font-size:12px}} .swatch{{display:inline-block;width:10px;height:10px;margin-right:4px}}
+</style></head><body>
+<h1>{esc(str(report.get("project") or "?"))}: {esc(str(report.get("command")))}
+<span class="badge {badge}">exit {code}</span></h1>
+<p>{esc(report.get("exit_meaning") or "")}</p>
+<h2>Summary</h2><table>{summary_html}</table>
+<h2>Stage timeline per host</h2>
+<div>{"".join(rows)}</div><div class=axis>{ticks}</div><p>{legend}</p>
+<h2>Stages</h2>
+{_table(["stage", "start (s)", "seconds (events)", "seconds (run record)", "hosts", "batches", "status"], stage_rows)}
+<h2>Plan</h2>
+{_table(["migration", "class", "reversible", "atomic", "operations", "locking risks"], plan_rows_html)}
+<h3>Deferred statements (two_phase contract)</h3>
+{_table(["migration", "operation", "table", "column", "deferred SQL"], deferred)}
+<h2>Data proof: backup and fingerprint comparison</h2>
+{f"<table>{comparison_html}</table>" if comparison_html else "<p class=dim>the run record holds no comparison (no undo ran)</p>"}
+<h2>Migrations applied</h2>
+{_table(["migration"], [[m] for m in report.get("migrations_applied") or []])}
+<h2>Errors</h2>
+{_table(["stage", "host", "task", "message"], errors)}
+<p class=dim>JSON report: {esc(report["paths"].get("json", ""))} · event log: {esc(report["paths"].get("events", ""))}
+· ansible output: {esc(report["paths"].get("log", ""))}</p>
+</body></html>
+"""
+
+
+def batch_total(done_before: int, batch: int, batch_size: int, total: int) -> int:
+    """An estimate of the number of batches of a serial play: the batches so far, and the hosts left
+    in batches the size of the last one (a canary batch of one, then migrate_serial)."""
+    left = max(0, total - done_before - batch_size)
+    return batch + math.ceil(left / max(1, batch_size))
+
+
+def write_report(report: dict[str, Any]) -> None:
+    """Write the report's JSON and HTML files where report["paths"] says (mode 0640)."""
+    for kind, text in (("json", json.dumps(report, indent=2, sort_keys=True, default=str) + "\n"), ("html", render_html(report))):
+        path = Path(report["paths"][kind])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.chmod(0o640)
+        tmp.replace(path)

@@ -1,0 +1,571 @@
+"""The djm CLI (scripts/djm.py, scripts/djm_report.py): exit codes, the run report from recorded runner
+events and run records (a successful and a failed run), the HTML page, --help; and the JSON event log
+callback (plugins/callback/djm_events.py) on a real ansible-playbook run: stages, the run id, decisions
+from the real deploy_run module, and no_log results never written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import djm  # noqa: E402
+import djm_report  # noqa: E402
+from djm_report import EXIT_NEEDS_HUMAN, EXIT_OK, EXIT_REFUSED, EXIT_ROLLED_BACK, Timeline  # noqa: E402
+
+RUN = "20261130T120000Z-abcde"
+
+
+# ------------------------------------------------------------------------------------------ recorded events
+class Stream:
+    """Runner events as ansible-runner hands them to an event_handler (the fields djm reads)."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.t = 0.0
+        self.play = ""
+        self.uuids: dict[str, int] = {}
+
+    def stamp(self, dt: float = 1.0) -> str:
+        self.t += dt
+        return f"2026-11-30T12:{int(self.t // 60):02d}:{self.t % 60:06.3f}"
+
+    def play_start(self, name: str, pattern: str, uuid: str = "") -> None:
+        uuid = uuid or f"uuid-{name}"
+        self.uuids[uuid] = self.uuids.get(uuid, 0) + 1
+        suffix = "" if self.uuids[uuid] == 1 else f"_{self.uuids[uuid] - 1}"
+        self.play = name
+        self.events.append(
+            {
+                "event": "playbook_on_play_start",
+                "created": self.stamp(0.1),
+                "event_data": {"play": name, "play_pattern": pattern, "play_uuid": uuid + suffix},
+            }
+        )
+
+    def result(
+        self,
+        host: str,
+        task: str,
+        status: str = "ok",
+        res: dict[str, Any] | None = None,
+        action: str = "command",
+        role: str = "",
+        seconds: float = 1.0,
+    ) -> None:
+        start = self.stamp(0.1)
+        end = self.stamp(seconds)
+        kind = {
+            "ok": "runner_on_ok",
+            "failed": "runner_on_failed",
+            "unreachable": "runner_on_unreachable",
+            "skipped": "runner_on_skipped",
+        }[status]
+        self.events.append(
+            {
+                "event": kind,
+                "created": end,
+                "event_data": {
+                    "host": host,
+                    "task": task,
+                    "play": self.play,
+                    "res": res or {},
+                    "start": start,
+                    "end": end,
+                    "resolved_action": action,
+                    "role": role,
+                },
+            }
+        )
+
+    def record(self, host: str, record: dict[str, Any], project: str = "acme") -> None:
+        self.result(
+            host,
+            "Record the run",
+            res={"changed": True, "run": record, "invocation": {"module_args": {"project": project}}},
+            action="deploy_run",
+            role="deploy_run",
+        )
+
+
+PLAN = {
+    "migrations": [
+        {"migration": "catalog.0002_category", "class": "expand", "reversible": True, "atomic": True, "operations": [{}, {}]},
+        {
+            "migration": "catalog.0004_remove_<b>category</b>",
+            "class": "contract",
+            "reversible": True,
+            "atomic": True,
+            "operations": [{}],
+        },
+    ],
+    "locking_risks": [{"migration": "catalog.0002_category", "kind": "index_build"}],
+    "deferred_statements": [
+        {
+            "migration": "catalog.0004_remove_<b>category</b>",
+            "kind": "RemoveField",
+            "table": "products",
+            "column": "category",
+            "deferred_sql": ["ALTER TABLE products DROP COLUMN category"],
+            "interim_sql": [],
+        }
+    ],
+}
+
+
+def migrate_stream(fail_at_migrate: bool, undo_finished: bool = True) -> Stream:
+    s = Stream()
+    s.play_start("Validate the inventory and the controller", "localhost")
+    s.result("localhost", "Check the ansible-core version", action="assert")
+    s.play_start("Preflight - every host answers, the app hosts serve one release", "app:db:lb")
+    for host in ("lb1", "app1", "app2", "db1"):
+        s.result(host, "Check that the host answers", action="ping")
+    s.result("localhost", "Make this run's id on the controller", res={"ansible_facts": {"djm_run_id": RUN}}, action="set_fact")
+    s.play_start("Lock - take the deploy lock and start the run record", "db[0]")
+    record: dict[str, Any] = {
+        "run_id": RUN,
+        "playbook": "migrate",
+        "from_release": "v1",
+        "to_release": "v2",
+        "hosts": ["app1", "app2"],
+        "stage": "prepare",
+        "stages": {"prepare": {"started": "2026-11-30T12:00:10Z"}},
+    }
+    s.record("db1", record)
+    s.play_start("Prepare - the target release on every app host, beside the live one", "app")
+    s.result("app1", "Prepare the release", res={"changed": True}, seconds=30)
+    s.result("app2", "Prepare the release", res={"changed": True}, seconds=31)
+    s.play_start("Plan - pending migrations, their classes and the strategy", "app[0]")
+    record = {**record, "stage": "plan", "strategy": "two_phase", "strategy_reason": "the plan says two_phase", "plan": PLAN}
+    s.record("db1", record)
+    s.play_start("Maintenance - open the window before the backup when the strategy needs it", "db[0]")
+    s.result("db1", "Skip the stage if the run failed", action="include_tasks")
+    s.result(
+        "db1", "Remove a file on the controller", res={"_ansible_delegated_vars": {"ansible_host": "localhost"}}, action="file"
+    )
+    s.result("db1", "Answer 503", status="skipped")
+    s.play_start("Backup - a verified backup of the database, keyed by this run", "db[0]")
+    record = {
+        **record,
+        "stage": "backup",
+        "backup_id": f"pre-v2-{RUN}",
+        "stages": {**record["stages"], "backup": {"bytes": 1234, "files": 5, "verified": True}},
+    }
+    s.record("db1", record)
+    s.play_start("Migrate - apply the release's migrations once, from the first app host", "app[0]")
+    if fail_at_migrate:
+        s.result(
+            "app1",
+            "Run manage.py migrate in the new release",
+            status="failed",
+            role="django_release",
+            res={"msg": "non-zero return code", "stderr_lines": ["", "django.db.utils.ProgrammingError: <boom>"]},
+        )
+        failure = {"stage": "migrate", "host": "app1", "cause": "non-zero return code: ProgrammingError"}
+        record = {**record, "failure": failure, "applied": ["catalog.0002_category"]}
+        s.record("db1", record)
+        s.play_start("Converge - decide how to undo the run", "app[0]")
+        converge = {"mode": "reverse", "to": "v1", "result": "done", "applied": ["catalog.0002_category"]}
+        if not undo_finished:
+            converge = {"mode": "reverse", "to": "v1", "failed": "reverse: migrate back failed"}
+        record = {
+            **record,
+            "converge": converge,
+            "validation": {
+                "against": f"pre-v2-{RUN}",
+                "schema_equal": True,
+                "migrations_equal": True,
+                "tables_changed": ["public.orders 3"],
+            },
+        }
+        s.record("db1", record)
+        s.play_start("Converge - reverse the migrations with the new release's code", "app[0]")
+        s.result("app1", "Migrate back to the recorded nodes", res={"changed": True}, seconds=4)
+        s.play_start("Finish - close the window, write the history, release the lock", "db[0]")
+        record = {**record, "result": "rolled_back" if undo_finished else "failed", "serving": {"app1": "v1", "app2": "v1"}}
+        s.record("db1", record)
+        s.result(
+            "db1",
+            "Fail the run with its cause",
+            status="failed",
+            action="fail",
+            res={"msg": "Migration to v2 failed at stage migrate"},
+        )
+    else:
+        s.result("app1", "Run manage.py migrate in the new release", res={"changed": True}, seconds=5)
+        record = {**record, "applied": ["catalog.0002_category", "catalog.0004_remove_<b>category</b>"]}
+        s.record("db1", record)
+        s.play_start("Switch - one app host at a time behind HAProxy (rolling)", "app", uuid="switch")
+        s.result("app1", "Switch the current link", res={"changed": True}, seconds=10)
+        s.play_start("Switch - one app host at a time behind HAProxy (rolling)", "app", uuid="switch")
+        s.result("app2", "Switch the current link", res={"changed": True}, seconds=10)
+        s.play_start("Finish - close the window, write the history, release the lock", "db[0]")
+        record = {**record, "result": "succeeded", "serving": {"app1": "v2", "app2": "v2"}}
+        s.record("db1", record)
+        s.result(
+            "db1", "Report the run", res={"msg": f"Run {RUN}: succeeded; app hosts serve v2."}, action="ansible.builtin.debug"
+        )
+    s.events.append(
+        {"event": "playbook_on_stats", "created": s.stamp(), "event_data": {"ok": {"db1": 5}, "failures": {}, "dark": {}}}
+    )
+    return s
+
+
+def timeline_of(stream: Stream) -> Timeline:
+    timeline = Timeline()
+    for event in stream.events:
+        timeline.feed(event)
+    return timeline
+
+
+def report_of(command: str, timeline: Timeline, succeeded: bool, tmp_path: Path) -> dict[str, Any]:
+    code = djm_report.exit_code(command, succeeded, timeline.run_id, timeline.record)
+    paths = {k: str(tmp_path / f"{RUN}.{k}") for k in ("json", "html")}
+    return djm_report.build_report(
+        command, timeline, code, argv_summary={}, paths=paths, wall_started="2026-11-30T12:00:00Z", seconds=100.0
+    )
+
+
+# ------------------------------------------------------------------------------------------ exit codes
+@pytest.mark.parametrize(
+    ("command", "succeeded", "run_id", "record", "roles", "expected"),
+    [
+        ("migrate", True, RUN, {"run_id": RUN, "result": "succeeded"}, None, EXIT_OK),
+        ("migrate", False, RUN, {"run_id": RUN, "result": "rolled_back"}, None, EXIT_ROLLED_BACK),
+        ("migrate", False, RUN, {"run_id": RUN, "result": "failed"}, None, EXIT_NEEDS_HUMAN),
+        ("migrate", False, RUN, {"run_id": RUN, "stage": "switch"}, None, EXIT_NEEDS_HUMAN),  # interrupted: no result
+        ("migrate", False, "", None, None, EXIT_REFUSED),  # validation failed: no run id
+        ("migrate", False, RUN, None, None, EXIT_REFUSED),  # preflight failed: no record
+        ("migrate", False, RUN, {"run_id": "20261129T000000Z-other", "result": "succeeded"}, None, EXIT_REFUSED),  # lock held
+        ("plan", False, RUN, {"run_id": RUN, "result": "rolled_back"}, None, EXIT_REFUSED),  # --check writes nothing
+        ("plan-prepare", False, RUN, {"run_id": RUN, "result": "rolled_back"}, None, EXIT_ROLLED_BACK),
+        ("plan", True, RUN, {"run_id": RUN, "result": "planned"}, None, EXIT_OK),
+        ("rollback", True, "rollback-1", {"run_id": RUN, "result": "rolled_back"}, None, EXIT_OK),
+        ("rollback", False, "rollback-1", None, None, EXIT_REFUSED),  # nothing recorded to undo
+        ("rollback", False, "rollback-1", {"run_id": RUN, "rollback_requested": {"by_run": "rollback-0"}}, None, EXIT_REFUSED),
+        (
+            "rollback",
+            False,
+            "rollback-1",
+            {"run_id": RUN, "rollback_requested": {"by_run": "rollback-1"}},
+            None,
+            EXIT_NEEDS_HUMAN,
+        ),
+        ("status", False, "", None, None, EXIT_REFUSED),
+        ("backups-verify", False, "", None, ["pg_restore"], EXIT_NEEDS_HUMAN),  # a corrupt backup
+        ("backups-verify", False, "", None, [""], EXIT_REFUSED),  # db host unreachable
+    ],
+)
+def test_exit_code(
+    command: str, succeeded: bool, run_id: str, record: dict[str, Any] | None, roles: list[str] | None, expected: int
+) -> None:
+    assert djm_report.exit_code(command, succeeded, run_id, record, roles) == expected
+
+
+def test_help_documents_every_exit_code_and_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        djm.parse_args(["--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    for needle in (
+        "plan",
+        "migrate",
+        "rollback",
+        "status",
+        "backups list",
+        "backups verify",
+        "build/reports/<project>/<run id>.html",
+    ):
+        assert needle in text
+    for code in range(4):
+        assert f"\n  {code}  " in text
+
+
+def test_bad_arguments_are_refused_with_exit_3() -> None:
+    with pytest.raises(SystemExit) as stop:
+        djm.parse_args(["migrate", "--strategy", "yolo"])
+    assert stop.value.code == EXIT_REFUSED
+
+
+def test_a_crash_of_djm_itself_never_exits_1(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def boom(*_args: Any, **_kwargs: Any) -> None:
+        raise RuntimeError("no runner")
+
+    monkeypatch.setattr(djm, "command_run", boom)
+    monkeypatch.setattr(djm, "RUNS_STARTED", 0)
+    assert djm.main(["migrate", "v2"]) == EXIT_REFUSED  # nothing was started
+    monkeypatch.setattr(djm, "RUNS_STARTED", 1)
+    assert djm.main(["migrate", "v2"]) == EXIT_NEEDS_HUMAN  # a run was under way
+    assert "RuntimeError: no runner" in capsys.readouterr().err
+
+
+def test_project_of_a_run_refused_before_the_lock_comes_from_the_event_log(tmp_path: Path) -> None:
+    log = tmp_path / "events.jsonl"
+    log.write_text('{"event": "run_start"}\nnot json\n{"event": "project", "project": "acme shop"}\n')
+    assert djm.project_from_events(log) == "acme_shop"
+    log.write_text('{"event": "run_start"}\n')
+    assert djm.project_from_events(log) == ""
+
+
+def test_extra_var_names_never_values() -> None:
+    args = djm.parse_args(["migrate", "-e", "project_release_id=v2 db_password=hunter2", "-e", '{"a": 1}', "-e", "@vars.yml"])
+    names = djm.extra_var_names(args)
+    assert names == ["project_release_id", "db_password", "<json>", "@vars.yml"]
+    assert "hunter2" not in json.dumps(names)
+    assert djm.ansible_args(args)[:2] == ["-e", "project_release_id=v2 db_password=hunter2"]
+
+
+# ------------------------------------------------------------------------------------------ reports
+def test_report_of_a_successful_run(tmp_path: Path) -> None:
+    timeline = timeline_of(migrate_stream(fail_at_migrate=False))
+    report = report_of("migrate", timeline, True, tmp_path)
+    assert report["exit_code"] == EXIT_OK and report["result"] == "succeeded"
+    assert report["project"] == "acme" and report["run_id"] == RUN
+    assert [s["stage"] for s in report["stages"]] == [
+        "validate",
+        "preflight",
+        "lock",
+        "prepare",
+        "plan",
+        "maintenance",
+        "backup",
+        "migrate",
+        "switch",
+        "finish",
+    ]
+    by_stage = {s["stage"]: s for s in report["stages"]}
+    assert by_stage["prepare"]["seconds"] >= 30 and set(by_stage["prepare"]["hosts"]) == {"app1", "app2"}
+    assert not by_stage["maintenance"]["ran"]  # only an include and a skipped task
+    assert by_stage["switch"]["batches"] == 2
+    assert by_stage["switch"]["hosts"]["app1"]["batch"] == 1 and by_stage["switch"]["hosts"]["app2"]["batch"] == 2
+    # The timeline draws each host's own work: app2 switched after app1, not the whole stage for both.
+    (app1,), (app2,) = by_stage["switch"]["hosts"]["app1"]["segments"], by_stage["switch"]["hosts"]["app2"]["segments"]
+    assert app1[1] - app1[0] >= 10 and app2[0] >= app1[1]
+    assert report["strategy"] == "two_phase" and report["backup_id"] == f"pre-v2-{RUN}"
+    assert report["backup"] == {"bytes": 1234, "files": 5, "verified": True}
+    assert report["plan"][0]["migration"] == "catalog.0002_category" and report["plan"][0]["locking_risks"] == 1
+    assert len(report["migrations_applied"]) == 2
+    assert report["errors"] == []
+    assert report["said"] == f"Run {RUN}: succeeded; app hosts serve v2."
+
+
+@pytest.mark.parametrize(("undo_finished", "expected"), [(True, EXIT_ROLLED_BACK), (False, EXIT_NEEDS_HUMAN)])
+def test_report_of_a_failed_run(tmp_path: Path, undo_finished: bool, expected: int) -> None:
+    timeline = timeline_of(migrate_stream(fail_at_migrate=True, undo_finished=undo_finished))
+    report = report_of("migrate", timeline, False, tmp_path)
+    assert report["exit_code"] == expected
+    assert report["result"] == ("rolled_back" if undo_finished else "failed")
+    assert report["failure"]["stage"] == "migrate"
+    assert report["errors"][0]["stage"] == "migrate" and "ProgrammingError: <boom>" in report["errors"][0]["msg"]
+    assert report["converge"]["mode"] == "reverse"
+    assert report["validation"]["schema_equal"] is True
+    assert report["migrations_applied"] == ["catalog.0002_category"]
+    by_stage = {s["stage"]: s for s in report["stages"]}
+    assert by_stage["migrate"]["failed"] and "switch" not in by_stage
+
+    djm_report.write_report(report)
+    written = json.loads((tmp_path / f"{RUN}.json").read_text())
+    assert written["exit_code"] == expected and written["record"]["run_id"] == RUN
+    page = (tmp_path / f"{RUN}.html").read_text()
+    # Self-contained (no script, no external resource), escaped, with the timeline, plan and proof.
+    assert "<script" not in page and "http://" not in page and "https://" not in page
+    assert "&lt;boom&gt;" in page and "<boom>" not in page
+    assert "catalog.0004_remove_&lt;b&gt;category&lt;/b&gt;" in page
+    assert "Stage timeline per host" in page and 'class="bar failed"' in page
+    assert "schema equal to the backup&#x27;s" in page and "public.orders 3" in page
+    assert (tmp_path / f"{RUN}.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_a_run_refused_in_validation_has_no_run_id_and_exit_3(tmp_path: Path) -> None:
+    s = Stream()
+    s.play_start("Validate the inventory and the controller", "localhost")
+    s.result(
+        "localhost",
+        "Check that the required groups exist and have hosts",
+        status="failed",
+        action="assert",
+        res={"msg": "Inventory group 'db' is missing."},
+    )
+    timeline = timeline_of(s)
+    report = report_of("migrate", timeline, False, tmp_path)
+    assert report["exit_code"] == EXIT_REFUSED and report["run_id"] is None and report["result"] is None
+    assert report["errors"][0]["msg"] == "Inventory group 'db' is missing."
+
+
+def test_batch_total_estimates() -> None:
+    assert djm_report.batch_total(0, 1, 1, 3) == 3  # serial 1: 1/3
+    assert djm_report.batch_total(1, 2, 1, 3) == 3
+    assert djm_report.batch_total(1, 2, 4, 9) == 3  # a canary alone, then batches of 4: 1 + 2
+    assert djm_report.batch_total(5, 3, 4, 9) == 3
+
+
+def test_progress_shows_stages_batches_and_failures() -> None:
+    import io
+
+    out = io.StringIO()
+    progress = djm.Progress(Timeline(), stream=out, live=False)
+    for event in migrate_stream(fail_at_migrate=False).events:
+        progress.event(event)
+    text = out.getvalue()
+    assert "▸ prepare" in text and "strategy two_phase" in text
+    assert "▸ maintenance" not in text  # nothing ran there
+    assert "batch 1/2: app1 done" in text and "batch 2/2: app2" in text
+
+    out = io.StringIO()
+    progress = djm.Progress(Timeline(), stream=out, live=False)
+    for event in migrate_stream(fail_at_migrate=True).events:
+        progress.event(event)
+    text = out.getvalue()
+    assert "✗ migrate      app1: Run manage.py migrate in the new release: non-zero return code" in text
+    assert "converge     undo by reverse to v1" in text and "finish       result rolled_back" in text
+    assert "  converge     reverse the migrations with the new release's code" in text  # the stage's next play
+
+
+# ------------------------------------------------------------------------------------------ the event log
+CALLBACK_PLAYBOOK = """
+- name: Preflight - the controller answers
+  hosts: localhost
+  gather_facts: false
+  vars:
+    project_name: cbtest
+  tasks:
+    - name: Make this run's id on the controller
+      ansible.builtin.set_fact:
+        djm_run_id: "{run_id}"
+    - name: Start the run record
+      deploy_run:
+        action: start
+        state_dir: "{state}"
+        project: cbtest
+        run_id: "{run_id}"
+        stage: plan
+        data: {{strategy: two_phase, strategy_reason: the plan says so}}
+    - name: Handle a secret
+      ansible.builtin.debug:
+        msg: "password is {secret}"
+      no_log: true
+    - name: Fail with a secret, ignored
+      ansible.builtin.command: "sh -c 'echo {secret} >&2; exit 1'"
+      no_log: true
+      ignore_errors: true
+      changed_when: false
+    - name: Loop over secrets
+      ansible.builtin.debug:
+        msg: "{{{{ item }}}}"
+      loop: ["{secret}"]
+      no_log: true
+    - name: Say hello
+      ansible.builtin.debug:
+        msg: hello
+- name: Switch - one host at a time
+  hosts: all
+  gather_facts: false
+  serial: 1
+  tasks:
+    - name: Say which host
+      ansible.builtin.debug:
+        msg: "{{{{ inventory_hostname }}}}"
+- name: Switch - fail
+  hosts: localhost
+  gather_facts: false
+  tasks:
+    - name: Fail the run
+      ansible.builtin.fail:
+        msg: boom
+"""
+
+
+def test_event_log_callback(tmp_path: Path) -> None:
+    secret = "s3cr3t-Vb7Qx"
+    playbook = tmp_path / "play.yml"
+    playbook.write_text(CALLBACK_PLAYBOOK.format(run_id=RUN, state=tmp_path / "state", secret=secret))
+    env = {
+        **os.environ,
+        "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
+        "ANSIBLE_CALLBACK_PLUGINS": str(REPO / "plugins" / "callback"),
+        "ANSIBLE_CALLBACKS_ENABLED": "djm_events",
+        "ANSIBLE_LIBRARY": str(REPO / "roles" / "deploy_run" / "library"),
+        "DJM_EVENTS_DIR": str(tmp_path / "events"),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+    }
+    env.pop("DJM_EVENTS_FILE", None)
+    proc = subprocess.run(
+        [
+            "ansible-playbook",
+            "-c",
+            "local",
+            "-i",
+            "localhost,127.0.0.1,",
+            "-e",
+            f"ansible_python_interpreter={sys.executable}",
+            str(playbook),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    files = list((tmp_path / "events").rglob("*.jsonl"))
+    assert [f.relative_to(tmp_path / "events").as_posix() for f in files] == [f"cbtest/{RUN}.jsonl"]  # renamed once known
+    text = files[0].read_text()
+    assert secret not in text
+    assert files[0].stat().st_mode & 0o777 == 0o600
+    events = [json.loads(line) for line in text.splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "run_start" and kinds[-1] == "run_end"
+    assert {"stage": "preflight"}.items() <= next(e for e in events if e["event"] == "stage_start").items()
+    assert any(e["event"] == "run_id" and e["run_id"] == RUN for e in events)
+    decisions = {e["key"]: e["value"] for e in events if e["event"] == "decision"}
+    assert decisions["strategy"] == "two_phase" and decisions["strategy_reason"] == "the plan says so"
+    hidden = [e for e in events if e["event"] == "host_result" and e.get("no_log")]
+    assert len(hidden) == 3 and all("msg" not in e for e in hidden)
+    assert any(e.get("msg") == "hello" for e in events)
+    batches = [(e["stage"], e["batch"]) for e in events if e["event"] == "batch"]
+    assert batches == [("switch", 2)]  # the serial play's second host
+    errors = [e for e in events if e["event"] == "error"]
+    assert [(e["stage"], e["msg"]) for e in errors] == [("switch", "boom")]  # the ignored failure is no error
+    assert events[-1]["failed"] is True and events[-1]["run_id"] == RUN
+
+
+def test_event_log_sees_batches_under_ansible_runner(tmp_path: Path) -> None:
+    """ansible-runner's own callback renames a repeated play's uuid (<uuid>_k) before ours sees it."""
+    import ansible_runner
+
+    (tmp_path / "hosts.ini").write_text(
+        f"h1 ansible_connection=local ansible_python_interpreter={sys.executable}\nh2 ansible_connection=local\n"
+    )
+    (tmp_path / "play.yml").write_text(
+        "- name: Switch - one host at a time\n  hosts: all\n  gather_facts: false\n  serial: 1\n"
+        "  vars:\n    ansible_python_interpreter: " + sys.executable + "\n"
+        "  tasks:\n    - name: Say which host\n      ansible.builtin.debug:\n        msg: hi\n"
+    )
+    log = tmp_path / "events.jsonl"
+    (tmp_path / "runner").mkdir()
+    runner = ansible_runner.run(
+        private_data_dir=str(tmp_path / "runner"),
+        playbook=str(tmp_path / "play.yml"),
+        inventory=str(tmp_path / "hosts.ini"),
+        quiet=True,
+        envvars={
+            "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
+            "ANSIBLE_CALLBACK_PLUGINS": str(REPO / "plugins" / "callback"),
+            "ANSIBLE_CALLBACKS_ENABLED": "djm_events",
+            "DJM_EVENTS_FILE": str(log),
+            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+        },
+    )
+    assert runner.status == "successful"
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(e["stage"], e["batch"]) for e in events if e["event"] == "batch"] == [("switch", 2)]
+    assert sorted(e["host"] for e in events if e["event"] == "host_result") == ["h1", "h2"]
