@@ -178,10 +178,12 @@ def test_the_secret_scan_finds_a_secret_where_there_is_one() -> None:
 def test_no_secret_in_the_commands_output_or_in_any_process_list_during_them() -> None:
     logs = sorted(LOGS.glob("*-migrate-v2.log")) + sorted(LOGS.glob("*-rollback.log"))
     samples = sorted(LOGS.glob("ps-*.txt"))
+    events = sorted((LOGS / "events").rglob("*.jsonl"))  # the event log of each command
     assert len(logs) == 3 and all("ESTABLISH SSH CONNECTION" in log.read_text() for log in logs)  # -vvv
+    assert len(events) >= 3 and all('"stage"' in path.read_text() for path in events), events  # and the deploy
     assert len(samples) == 3 * 5 and all(sample.read_text().count("\n---\n") >= 10 for sample in samples)
     assert sum("BECOME-SUCCESS" in sample.read_text() for sample in samples) >= 10  # it saw the modules at work
-    hits = [hit for path in logs + samples for hit in leaks(path.read_text(errors="replace"), path.name)]
+    hits = [hit for path in logs + samples + events for hit in leaks(path.read_text(errors="replace"), path.name)]
     assert hits == []
 
 
