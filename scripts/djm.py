@@ -70,6 +70,128 @@ class Refused(Exception):
     """Bad arguments: exit 3, nothing was run."""
 
 
+class ForceStopped(Exception):
+    """A second Ctrl-C: djm stops at once, without waiting for ansible-runner to return."""
+
+
+class Interrupts:
+    """Ctrl-C (SIGINT) for the whole of djm's life. Installed first thing in main(), so a SIGINT is
+    never lost: a job started in the background by a non-interactive shell inherits SIGINT *ignored*,
+    and only a handler of our own undoes that (one Ctrl-C in three was lost while the handler was set
+    only around the runner).
+
+    First Ctrl-C: cancel_requested() turns true; ansible-runner polls it (cancel_callback, every
+    RUNNER_POLL_SECONDS) and kills ansible-playbook's process group, the run ends `canceled`, and
+    djm writes the report and says what was left (the deploy lock, and how to finish the run).
+    Before the runner starts, the run is not started at all. Second Ctrl-C: ansible-playbook's
+    process group is killed here (its pid is in every runner event) and ForceStopped is raised."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream
+        self.previous: Any = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.count = 0
+        self.running = False
+        self.workers_stopped = False
+        self.child_pid: int | None = None
+
+    def install(self) -> None:
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+    def cancel_requested(self) -> bool:
+        """ansible-runner's cancel_callback. Before it says yes, the workers are stopped: ansible-core
+        (2.19) runs each task in a worker process of a session of its own, which the runner's kill of
+        ansible-playbook's process group misses; left alone, a worker finishes its task (the rest of a
+        loop, a command on the controller) after the run is reported cancelled."""
+        if self.count and self.running and not self.workers_stopped:
+            self.workers_stopped = True
+            killed = self.kill_workers()
+            if killed:
+                self.say(f"stopped {len(killed)} ansible worker(s) still running a task (pid {', '.join(map(str, killed))})")
+        return self.count > 0
+
+    def say(self, text: str) -> None:
+        stream = self.stream or sys.stderr
+        stream.write(f"\ndjm: {text}\n")
+        stream.flush()
+
+    def handle(self, _sig: int, _frame: Any) -> None:
+        self.count += 1
+        if self.count == 1:
+            if self.running:
+                self.say(
+                    "Ctrl-C: cancelling the run; ansible-runner stops ansible-playbook within "
+                    f"{RUNNER_POLL_SECONDS} s, then the report is written (Ctrl-C again to force-stop)"
+                )
+            else:
+                self.say("Ctrl-C: no playbook is running; stopping (Ctrl-C again to quit at once)")
+            return
+        killed = self.kill_child()
+        self.say("second Ctrl-C: force-stop" + (f", ansible-playbook's process group (pid {killed}) killed" if killed else ""))
+        raise ForceStopped
+
+    def kill_workers(self) -> list[int]:
+        """SIGKILL the process groups of ansible-playbook's children that are not in its own group
+        (its workers, each with what it started); never djm's group. The workers' pids."""
+        if not self.child_pid or not self.running:
+            return []
+        try:
+            parent_group = os.getpgid(self.child_pid)
+        except (ProcessLookupError, PermissionError):
+            return []
+        killed = []
+        for pid, group in children(self.child_pid):
+            if group in (parent_group, os.getpgrp()):
+                continue
+            try:
+                os.killpg(group, signal.SIGKILL)
+                killed.append(pid)
+            except (ProcessLookupError, PermissionError):
+                continue
+        return killed
+
+    def kill_child(self) -> int | None:
+        """SIGKILL ansible-playbook's process group (pexpect makes it a session of its own; never
+        djm's own group). The pid, or None when there was nothing to kill."""
+        pid = self.child_pid
+        if not pid or not self.running:
+            return None
+        self.kill_workers()
+        try:
+            group = os.getpgid(pid)
+            if group == os.getpgrp():
+                os.kill(pid, signal.SIGKILL)
+            else:
+                os.killpg(group, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return None
+        return pid
+
+
+def children(parent: int) -> list[tuple[int, int]]:
+    """(pid, process group) of each child process of `parent`, from /proc (Linux; elsewhere none)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[1] == str(parent):  # state, ppid, pgrp
+            found.append((int(entry.parent.name), int(fields[2])))
+    return found
+
+
+INTERRUPTS = Interrupts()
+RUNNER_POLL_SECONDS = 1  # ansible-runner's pexpect_timeout: how often it asks cancel_callback (its default is 5)
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
@@ -208,8 +330,6 @@ def run_playbook(
     import ansible_runner  # imported here: --help works without it
 
     global RUNS_STARTED
-    RUNS_STARTED += 1
-
     private = Path(tempfile.mkdtemp(prefix="djm-runner-"))
     events_file = REPO / "build" / "events" / f".running-{os.getpid()}.jsonl"
     events_file.parent.mkdir(parents=True, exist_ok=True)
@@ -225,11 +345,12 @@ def run_playbook(
         "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
     }
     cmdline = shlex.join([*extra, *ansible_args(args)])
-    interrupted = {"flag": False}
     broken: list[Exception] = []
 
     def on_event(event: dict[str, Any]) -> bool:
         # An exception here would end runner.run() mid-playbook: a display bug must never stop a migration.
+        if isinstance(event.get("pid"), int):
+            INTERRUPTS.child_pid = event["pid"]  # ansible-playbook's: what a second Ctrl-C kills
         if not broken:
             try:
                 if progress is not None:
@@ -243,30 +364,37 @@ def run_playbook(
             print(event["stdout"], flush=True)
         return False  # nothing kept under the runner's private directory
 
-    def on_sigint(_sig: int, _frame: Any) -> None:
-        interrupted["flag"] = True
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    kept = private / "ansible-output.log"
+    if INTERRUPTS.cancel_requested():  # Ctrl-C before the playbook started: do not start it
+        shutil.rmtree(private, ignore_errors=True)
+        return False, "not-started", kept
+    RUNS_STARTED += 1
+    INTERRUPTS.running = True
     try:
-        runner = ansible_runner.run(
-            private_data_dir=str(private),
-            project_dir=str(REPO),
-            playbook=str(REPO / playbook),
-            inventory=inventories(args),
-            cmdline=cmdline,
-            envvars=envvars,
-            quiet=True,
-            event_handler=on_event,
-            cancel_callback=lambda: interrupted["flag"],
-            rotate_artifacts=1,
-        )
+        try:
+            runner = ansible_runner.run(
+                private_data_dir=str(private),
+                project_dir=str(REPO),
+                playbook=str(REPO / playbook),
+                inventory=inventories(args),
+                cmdline=cmdline,
+                envvars=envvars,
+                settings={"pexpect_timeout": RUNNER_POLL_SECONDS},
+                quiet=True,
+                event_handler=on_event,
+                cancel_callback=INTERRUPTS.cancel_requested,
+                rotate_artifacts=1,
+            )
+        except ForceStopped:
+            for log in private.glob("artifacts/*/stdout"):  # what ansible-playbook wrote until it was killed
+                shutil.copyfile(log, kept)
+            return False, "force-stopped", kept
         log = Path(runner.stdout.name) if getattr(runner, "stdout", None) else None
-        kept = private / "ansible-output.log"
         if log is not None and log.exists():
             shutil.copyfile(log, kept)
         return runner.rc == 0 and runner.status == "successful", str(runner.status), kept
     finally:
-        signal.signal(signal.SIGINT, previous)
+        INTERRUPTS.running = False
         if progress is not None:
             progress.finish()
         for item in private.iterdir():
@@ -417,8 +545,9 @@ def command_run(args: argparse.Namespace) -> int:
     succeeded, status, output_log = run_playbook(playbook, args, extra, timeline, progress)
     command = "plan-prepare" if args.command == "plan" and args.prepare else args.command
     code = djm_report.exit_code(command, succeeded, timeline.run_id, timeline.record)
-    if status in ("canceled", "timeout") and code == EXIT_OK:
-        code = djm_report.EXIT_NEEDS_HUMAN
+    advice: list[str] = []
+    if status in STOPPED:
+        code, advice = after_stop(command, status, timeline, args.inventory or [])
     paths = file_outputs(timeline, output_log, Path(args.reports_dir))
     summary = {
         "playbook": playbook,
@@ -430,15 +559,13 @@ def command_run(args: argparse.Namespace) -> int:
     report = djm_report.build_report(
         args.command, timeline, code, argv_summary=summary, paths=paths, wall_started=wall, seconds=time.monotonic() - started
     )
-    if status in ("canceled", "timeout"):
-        report["interrupted"] = status
-        djm_report.write_report(report)
-        print(f"\n  stopped   {status}: ansible-playbook was stopped mid-run", end="")
-        if code == djm_report.EXIT_NEEDS_HUMAN:
-            print("; `djm rollback` finishes or undoes an interrupted run (rollback.yml)", end="")
+    if status in STOPPED:
+        report["interrupted"] = {"status": status, "advice": advice}
+    djm_report.write_report(report)
+    if advice:
         print()
-    else:
-        djm_report.write_report(report)
+        for text in advice:
+            print(f"  {text}")
     if args.command == "plan" and (timeline.record or {}).get("plan"):
         print_plan(report)
     print_summary(report)
@@ -449,6 +576,75 @@ def command_run(args: argparse.Namespace) -> int:
             f"`djm plan {args.release or ''} --prepare` prepares it and changes nothing else"
         )
     return code
+
+
+STOPPED = ("canceled", "timeout", "force-stopped", "not-started")
+
+
+def after_stop(command: str, status: str, timeline: Timeline, inventory: list[str]) -> tuple[int, list[str]]:
+    """A run stopped by Ctrl-C (or the runner's timeout): its exit code, and what it left and how to
+    finish it, from what its events said (the lock stage reached, the run record seen).
+
+    command: plan, plan-prepare, migrate, rollback; status: one of STOPPED. An interrupted run keeps
+    the deploy lock; rollback.yml finishes it (its header: it stops what the dead run left running,
+    repairs a cut restore, undoes the run from its record) and takes over the lock of the run it
+    undoes, once that run's ansible-playbook is gone. The lock of an interrupted rollback is not the
+    undone run's: the next rollback needs -e rollback_break_lock=true."""
+    how = {
+        "canceled": "cancelled by Ctrl-C (ansible-runner stopped ansible-playbook)",
+        "force-stopped": "force-stopped by a second Ctrl-C (ansible-playbook's process group killed)",
+        "timeout": "stopped by ansible-runner's timeout",
+        "not-started": "Ctrl-C before ansible-playbook started",
+    }[status]
+    inv = "".join(f" -i {shlex.quote(i)}" for i in inventory)
+    record = timeline.record or {}
+    run_id = timeline.run_id
+    said = [f"stopped   {how}"]
+    reached_lock = any(s["stage"] == "lock" for s in timeline.stages)
+    if status == "not-started":
+        return EXIT_REFUSED, [*said, "nothing   no playbook ran: nothing changed, no lock taken"]
+    if command == "plan":
+        return EXIT_REFUSED, [*said, "nothing   --check writes nothing: no lock taken, nothing to undo"]
+    if command == "rollback":
+        if run_id and (record.get("rollback_requested") or {}).get("by_run") == run_id:
+            return djm_report.EXIT_NEEDS_HUMAN, [
+                *said,
+                f"lock      held by this rollback, run {run_id}; the undo of run {record.get('run_id')} may be half-done",
+                f"next      `djm status{inv}` (the lock, each host's release), then"
+                f" `djm rollback{inv} -e rollback_break_lock=true`: rollback.yml takes over by itself only"
+                " the lock of the run it undoes, and this lock is the rollback's",
+            ]
+        if reached_lock:
+            return djm_report.EXIT_NEEDS_HUMAN, [
+                *said,
+                f"lock      stopped while taking the deploy lock: `djm status{inv}` shows whether this rollback"
+                f" ({run_id or 'run id not seen'}) holds it; if it does, `djm rollback{inv} -e rollback_break_lock=true`",
+            ]
+        return EXIT_REFUSED, [*said, "nothing   stopped before the deploy lock: nothing changed"]
+    # migrate, plan-prepare: the lock is taken with the run record
+    if run_id and record.get("run_id") == run_id:
+        if record.get("result"):
+            return djm_report.EXIT_NEEDS_HUMAN, [
+                *said,
+                f"record    run {run_id} had recorded its result ({record['result']}) when it was stopped; the lock is"
+                f" released just after that: `djm status{inv}` shows whether it still is held",
+            ]
+        return djm_report.EXIT_NEEDS_HUMAN, [
+            *said,
+            f"lock      held by run {run_id}, stopped in stage {record.get('stage')}; its ansible-playbook is gone,"
+            " so the lock is stale and a new `djm migrate` is refused",
+            f"next      `djm rollback{inv}` finishes it: rollback.yml takes over the stale lock of the run it undoes,"
+            " stops what the run left running on the hosts and undoes it from its record"
+            f" (`djm status{inv}` first shows the lock and each host's release)",
+        ]
+    if reached_lock:
+        return djm_report.EXIT_NEEDS_HUMAN, [
+            *said,
+            "lock      stopped while taking the deploy lock: the run record was not seen, the lock may be held all the same;"
+            f" `djm status{inv}` shows the holder; if it is this run ({run_id or 'run id not seen'}),"
+            f" `djm rollback{inv}` finishes it",
+        ]
+    return EXIT_REFUSED, [*said, "nothing   stopped before the deploy lock: nothing changed"]
 
 
 def print_plan(report: dict[str, Any]) -> None:
@@ -702,9 +898,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    INTERRUPTS.reset()  # a fresh count for each call (tests call main more than once)
+    INTERRUPTS.install()
+    try:
+        return run_main(argv)
+    finally:
+        INTERRUPTS.restore()
+
+
+def run_main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     try:
         return dispatch(args)
+    except ForceStopped:
+        started = RUNS_STARTED > 0 and (args.command in ("migrate", "rollback") or (args.command == "plan" and args.prepare))
+        code = djm_report.EXIT_NEEDS_HUMAN if started else EXIT_REFUSED
+        print(
+            f"djm: force-stopped; no report written; exit {code}: {djm_report.EXIT_MEANINGS[code]}"
+            + (" (`djm status` shows the lock and the releases; `djm rollback` finishes an interrupted run)" if started else ""),
+            file=sys.stderr,
+        )
+        return code
     except Exception as exc:  # djm's own failure: never exit 1 ("rolled back cleanly") by accident
         import traceback
 

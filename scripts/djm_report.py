@@ -509,6 +509,7 @@ def render_html(report: dict[str, Any]) -> str:
         ["duration", f"{report.get('seconds')} s"],
         ["result", report.get("result")],
         ["exit code", f"{code}: {report.get('exit_meaning')}"],
+        ["stopped", " · ".join(" ".join(str(a).split()) for a in (report.get("interrupted") or {}).get("advice") or []) or None],
         ["the run's last word", report.get("said")],
         ["releases", f"{report.get('from_release') or '-'} → {report.get('to_release') or '-'}"],
         ["serving now", report.get("serving")],

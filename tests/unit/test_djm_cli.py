@@ -552,11 +552,14 @@ def test_event_log_sees_batches_under_ansible_runner(tmp_path: Path) -> None:
     )
     log = tmp_path / "events.jsonl"
     (tmp_path / "runner").mkdir()
+    pids: set[Any] = set()
     runner = ansible_runner.run(
         private_data_dir=str(tmp_path / "runner"),
         playbook=str(tmp_path / "play.yml"),
         inventory=str(tmp_path / "hosts.ini"),
         quiet=True,
+        event_handler=lambda event: pids.add(event.get("pid")) or False,
+        settings={"pexpect_timeout": djm.RUNNER_POLL_SECONDS},
         envvars={
             "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
             "ANSIBLE_CALLBACK_PLUGINS": str(REPO / "plugins" / "callback"),
@@ -566,6 +569,200 @@ def test_event_log_sees_batches_under_ansible_runner(tmp_path: Path) -> None:
         },
     )
     assert runner.status == "successful"
+    # Every runner event carries ansible-playbook's pid: what djm's second Ctrl-C kills (never djm itself).
+    assert len(pids) == 1 and isinstance(next(iter(pids)), int) and os.getpid() not in pids
     events = [json.loads(line) for line in log.read_text().splitlines()]
     assert [(e["stage"], e["batch"]) for e in events if e["event"] == "batch"] == [("switch", 2)]
     assert sorted(e["host"] for e in events if e["event"] == "host_result") == ["h1", "h2"]
+
+
+# ------------------------------------------------------------------------------------------ Ctrl-C
+class FakeRunner:
+    """ansible_runner.run as djm calls it: hands over recorded events, then runs "forever", sending
+    djm (this process) `sigints` SIGINTs and asking cancel_callback as the real runner's loop does;
+    returns `canceled` once asked to, unless it ignores the cancel (a runner that will not return)."""
+
+    def __init__(self, events: list[dict[str, Any]], sigints: int = 1, ignore_cancel: bool = False, pid: int = 999999) -> None:
+        self.events, self.sigints, self.ignore_cancel, self.pid = events, sigints, ignore_cancel, pid
+        self.kwargs: dict[str, Any] = {}
+        self.called = 0
+
+    def run(self, **kwargs: Any) -> Any:
+        import signal
+        import time
+        from types import SimpleNamespace
+
+        self.called += 1
+        self.kwargs = kwargs
+        for event in self.events:
+            kwargs["event_handler"]({**event, "pid": self.pid})
+        deadline = time.monotonic() + 10
+        sent = 0
+        while time.monotonic() < deadline:
+            if sent < self.sigints:
+                sent += 1
+                os.kill(os.getpid(), signal.SIGINT)
+            if kwargs["cancel_callback"]() and not self.ignore_cancel:
+                return SimpleNamespace(rc=254, status="canceled", stdout=None)
+            time.sleep(0.01)
+        raise AssertionError("djm never stopped the fake runner")
+
+
+def events_until(stream: Stream, stop: str) -> list[dict[str, Any]]:
+    """The stream's events up to the first play whose name starts with `stop` (excluded)."""
+    for index, event in enumerate(stream.events):
+        if event["event"] == "playbook_on_play_start" and event["event_data"]["play"].startswith(stop):
+            return stream.events[:index]
+    raise AssertionError(stop)
+
+
+@pytest.fixture
+def sigint_ignored() -> Any:
+    """SIGINT ignored as a non-interactive shell leaves it for a job started with `&` (the case where
+    one Ctrl-C in three was lost): djm must handle it all the same."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def run_djm(monkeypatch: pytest.MonkeyPatch, fake: FakeRunner, argv: list[str], tmp_path: Path) -> int:
+    import types
+
+    monkeypatch.setitem(sys.modules, "ansible_runner", types.SimpleNamespace(run=fake.run))
+    monkeypatch.setattr(djm, "RUNS_STARTED", 0)
+    return djm.main([*argv, "--reports-dir", str(tmp_path)])
+
+
+def test_first_ctrl_c_cancels_the_runner_and_names_the_held_lock(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path, sigint_ignored: Any
+) -> None:
+    import signal
+
+    fake = FakeRunner(events_until(migrate_stream(fail_at_migrate=False), "Prepare"))
+    code = run_djm(monkeypatch, fake, ["migrate", "v2", "-i", "staging"], tmp_path)
+    out, err = capsys.readouterr()
+    assert code == EXIT_NEEDS_HUMAN
+    assert fake.kwargs["cancel_callback"] == djm.INTERRUPTS.cancel_requested
+    assert fake.kwargs["settings"] == {"pexpect_timeout": djm.RUNNER_POLL_SECONDS}
+    assert "Ctrl-C: cancelling the run" in err and "force-stop" in err
+    assert "stopped   cancelled by Ctrl-C" in out
+    assert f"lock      held by run {RUN}, stopped in stage prepare" in out
+    assert "next      `djm rollback -i staging` finishes it" in out
+    report = json.loads((tmp_path / "acme" / f"{RUN}.json").read_text())
+    assert report["interrupted"]["status"] == "canceled" and report["exit_code"] == EXIT_NEEDS_HUMAN
+    assert "cancelled by Ctrl-C (ansible-runner stopped ansible-playbook)" in (tmp_path / "acme" / f"{RUN}.html").read_text()
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # djm put back what it found
+
+
+def test_ctrl_c_before_the_lock_changed_nothing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    fake = FakeRunner(events_until(migrate_stream(fail_at_migrate=False), "Lock"))
+    assert run_djm(monkeypatch, fake, ["migrate", "v2"], tmp_path) == EXIT_REFUSED
+    assert "nothing   stopped before the deploy lock: nothing changed" in capsys.readouterr().out
+
+
+def test_ctrl_c_before_the_runner_starts_runs_nothing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path, sigint_ignored: Any
+) -> None:
+    import signal
+
+    real = djm.ansible_args
+
+    def slow_setup(args: Any) -> list[str]:  # a Ctrl-C while djm is still setting up (importing, reading args)
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(args)
+
+    monkeypatch.setattr(djm, "ansible_args", slow_setup)
+    fake = FakeRunner([])
+    assert run_djm(monkeypatch, fake, ["migrate", "v2"], tmp_path) == EXIT_REFUSED
+    assert fake.called == 0
+    out, err = capsys.readouterr()
+    assert "no playbook is running" in err and "nothing   no playbook ran: nothing changed, no lock taken" in out
+
+
+def test_second_ctrl_c_kills_the_playbook_and_stops(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # ansible-playbook stand-in: a process in a session of its own, as pexpect starts it.
+    child = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        fake = FakeRunner(
+            events_until(migrate_stream(fail_at_migrate=False), "Plan"), sigints=2, ignore_cancel=True, pid=child.pid
+        )
+        code = run_djm(monkeypatch, fake, ["migrate", "v2"], tmp_path)
+        assert child.wait(timeout=5) == -9  # SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+    out, err = capsys.readouterr()
+    assert code == EXIT_NEEDS_HUMAN
+    assert f"second Ctrl-C: force-stop, ansible-playbook's process group (pid {child.pid}) killed" in err
+    assert "stopped   force-stopped by a second Ctrl-C" in out and f"held by run {RUN}" in out
+    assert json.loads((tmp_path / "acme" / f"{RUN}.json").read_text())["interrupted"]["status"] == "force-stopped"
+
+
+def test_a_stopped_rollback_names_the_lock_it_holds() -> None:
+    timeline = Timeline(run_id="rollback-1", record={"run_id": RUN, "rollback_requested": {"by_run": "rollback-1"}})
+    code, said = djm.after_stop("rollback", "canceled", timeline, ["production"])
+    assert code == EXIT_NEEDS_HUMAN
+    assert "held by this rollback, run rollback-1; the undo of run " + RUN in said[1]
+    assert "`djm rollback -i production -e rollback_break_lock=true`" in said[2]
+    code, said = djm.after_stop("plan", "canceled", Timeline(run_id="x"), [])
+    assert code == EXIT_REFUSED and "--check writes nothing" in said[1]
+    timeline = Timeline(run_id=RUN, record={"run_id": RUN, "result": "succeeded"})
+    code, said = djm.after_stop("migrate", "canceled", timeline, [])
+    assert code == EXIT_NEEDS_HUMAN and "had recorded its result (succeeded)" in said[1]
+
+
+def test_ctrl_c_cancels_a_real_ansible_playbook(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The real ansible-runner and ansible-playbook on localhost: a Ctrl-C while a task sleeps ends the
+    run `canceled` within a few seconds (the runner asks cancel_callback every RUNNER_POLL_SECONDS)."""
+    import signal
+    import threading
+    import time
+
+    (tmp_path / "hosts.ini").write_text(f"localhost ansible_connection=local ansible_python_interpreter={sys.executable}\n")
+    marker = f"{tmp_path}/long-step"
+    (tmp_path / "play.yml").write_text(
+        "- name: Backup - a long step\n  hosts: localhost\n  gather_facts: false\n"
+        "  tasks:\n    - name: Sleep\n"
+        f"      ansible.builtin.command: {sys.executable} -c 'import time; time.sleep(60)' {marker}\n"
+    )
+
+    def left_running() -> list[int]:  # the task's command, by its marker: started by this test only
+        found = []
+        for entry in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if marker.encode() in entry.read_bytes():
+                    found.append(int(entry.parent.name))
+            except OSError:
+                continue
+        return found
+
+    args = djm.parse_args(["status", "-i", str(tmp_path / "hosts.ini")])
+    djm.INTERRUPTS.reset()
+    djm.INTERRUPTS.install()
+    timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGINT))
+    started = time.monotonic()
+    try:
+        timer.start()
+        succeeded, status, kept = djm.run_playbook(str(tmp_path / "play.yml"), args, [], Timeline(), None)
+    finally:
+        timer.cancel()
+        djm.INTERRUPTS.restore()
+        (REPO / "build" / "events" / f".running-{os.getpid()}.jsonl").unlink(missing_ok=True)
+        if kept.exists():
+            kept.unlink()
+            kept.parent.rmdir()
+    survivors = left_running()
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+    assert (succeeded, status) == (False, "canceled")
+    assert time.monotonic() - started < 3.0 + djm.RUNNER_POLL_SECONDS + 5
+    # ansible-core's worker runs the task in a session of its own: the runner's kill misses it, djm's does not.
+    assert survivors == []
+    err = capsys.readouterr().err
+    assert "Ctrl-C: cancelling the run" in err and "stopped 1 ansible worker(s) still running a task" in err
