@@ -15,6 +15,7 @@ parsed output), against the inventory you name, so it works for any project's in
   djm backups list         the backups on the first db host, newest first (playbooks/backups.yml)
   djm backups verify [ID]  re-read a backup against its manifest as a restore would (pg_restore's
                            check; default: the newest verified)
+  djm report RUN.json      add a load check (--load-summary, --load-verify) to a run report written before
 
 Common options (each command): -i INVENTORY (repeatable; default: ansible.cfg's, the local fleet),
 -e VARS (repeatable, as ansible-playbook's -e), --vault-id / --vault-password-file, -v (more
@@ -24,7 +25,8 @@ While it runs: one line per stage as it starts (elapsed time, stage, hosts), the
 batches (batch k/n and its hosts), every failure as it happens. At the end: a summary table of the
 stages (duration, hosts, status) and, for plan/migrate/rollback, the run report:
   build/reports/<project>/<run id>.json   stages with durations per host, plan, strategy, backup,
-                                          migrations applied, undo, failure, result, the run record
+                                          migrations applied, undo, failure, result, the run record;
+                                          the load check with --load-summary (or `djm report`)
   build/reports/<project>/<run id>.html   the same as one self-contained page (a stage timeline
                                           per host, the plan table, the fingerprint comparison)
   build/reports/<project>/<run id>.log    ansible's own output of the run
@@ -506,6 +508,8 @@ def print_summary(report: dict[str, Any]) -> None:
     for key, value in facts:
         if value:
             print(f"  {key:<9} {value}")
+    for number, text in enumerate(djm_report.load_line(report["load"]) if report.get("load") else []):
+        print(f"  {'load':<9} {text}" if number == 0 and not text.startswith("problem") else f"  {text}")
     for kind in ("json", "html", "events", "log"):
         if report["paths"].get(kind):
             print(f"  {kind:<9} {report['paths'][kind]}")
@@ -537,6 +541,7 @@ def command_run(args: argparse.Namespace) -> int:
     timeline = Timeline()
     progress = None if args.output else Progress(timeline)
     wall = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    wall_epoch = time.time()
     started = time.monotonic()
     print(
         f"djm {args.command}: {playbook} {shlex.join(extra)}".rstrip()
@@ -561,6 +566,8 @@ def command_run(args: argparse.Namespace) -> int:
     )
     if status in STOPPED:
         report["interrupted"] = {"status": status, "advice": advice}
+    if getattr(args, "load_summary", None):
+        report["load"] = djm_report.load_check(args.load_summary, args.load_verify, wall_epoch, time.time())
     djm_report.write_report(report)
     if advice:
         print()
@@ -645,6 +652,33 @@ def after_stop(command: str, status: str, timeline: Timeline, inventory: list[st
             f" `djm rollback{inv}` finishes it",
         ]
     return EXIT_REFUSED, [*said, "nothing   stopped before the deploy lock: nothing changed"]
+
+
+def command_report(args: argparse.Namespace) -> int:
+    """djm report RUN.json --load-summary FILE [--load-verify FILE]: add a load check to a run report
+    written before (loadgen writes its summary when it stops, and its order check needs the database:
+    both usually come after the run), and write its JSON and HTML again."""
+    import json
+
+    path = Path(args.report)
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        started = datetime.datetime.strptime(report["started"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+        seconds = float(report["seconds"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"djm report: {path} is not a djm run report ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return EXIT_REFUSED
+    # The report's own start is rounded down to the second: the run's window is [start, start + seconds + 1].
+    report["load"] = djm_report.load_check(
+        args.load_summary, args.load_verify, started.timestamp(), started.timestamp() + seconds + 1
+    )
+    report["paths"] = {**(report.get("paths") or {}), "json": str(path), "html": str(path.with_suffix(".html"))}
+    djm_report.write_report(report)
+    for number, text in enumerate(djm_report.load_line(report["load"])):
+        print(f"  {'load':<9} {text}" if number == 0 and not text.startswith("problem") else f"  {text}")
+    print(f"  {'json':<9} {report['paths']['json']}")
+    print(f"  {'html':<9} {report['paths']['html']}")
+    return EXIT_REFUSED if report["load"].get("requests") is None else EXIT_OK
 
 
 def print_plan(report: dict[str, Any]) -> None:
@@ -812,6 +846,25 @@ def command_backups(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------ arguments
+def add_load_options(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    group = parser.add_argument_group("load check (scripts/loadgen.py)")
+    group.add_argument(
+        "--load-summary",
+        metavar="FILE",
+        required=required,
+        help="the JSON summary of the loadgen.py run that sent traffic during this run (loadgen.py run --summary FILE): "
+        "requests, failures by status and kind go into the summary and the report. Read when the run ends: a summary "
+        "whose window does not overlap the run is not counted; one not written yet (loadgen still running) is "
+        "reported missing, and `djm report` adds it later",
+    )
+    group.add_argument(
+        "--load-verify",
+        metavar="FILE",
+        help="the output of `loadgen.py verify --json` for the same load: the acknowledged orders missing from "
+        "the database (without it: not checked)",
+    )
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("passed to ansible-playbook")
@@ -860,6 +913,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--canary", type=int, metavar="SECONDS", help="first host serves alone this long (-e migrate_canary_seconds)"
     )
     migrate.add_argument("--break-lock", action="store_true", help="break a stale deploy lock (-e migrate_break_lock=true)")
+    add_load_options(migrate)
 
     rollback = sub.add_parser(
         "rollback",
@@ -871,6 +925,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     rollback.add_argument("--mode", choices=["auto", "code", "reverse", "restore"], help="force the undo mode (-e rollback_mode)")
     rollback.add_argument("--to-release", help="switch back to another prepared release (code only; -e rollback_to_release)")
+    add_load_options(rollback)
+
+    report = sub.add_parser(
+        "report",
+        formatter_class=fmt,
+        help="add a load check to a run report written before",
+        description="Add the load check of a run to its report and write the report's JSON and HTML again: "
+        "loadgen.py writes its summary when it stops and its order check needs the database, so both usually "
+        "come after the run. Exit 0 when the load check was counted, 3 when it could not be (the reason is "
+        "printed and kept in the report).",
+    )
+    report.add_argument("report", help="the run's JSON report, build/reports/<project>/<run id>.json")
+    add_load_options(report, required=True)
 
     sub.add_parser(
         "status",
@@ -930,6 +997,8 @@ def run_main(argv: list[str] | None) -> int:
 
 
 def dispatch(args: argparse.Namespace) -> int:
+    if args.command == "report":
+        return command_report(args)
     if args.command == "status":
         return command_status(args)
     if args.command == "backups":

@@ -411,10 +411,97 @@ def build_report(
         "maintenance": record.get("maintenance"),
         "contract_pending": record.get("contract_pending"),
         "said": timeline.said or None,
+        "load": None,  # the load check, when one is given (load_check)
         "record": record or None,
         "paths": paths,
     }
     return report
+
+
+# ------------------------------------------------------------------------------------------ load check
+def load_check(summary_path: str, verify_path: str | None, run_start: float, run_end: float) -> dict[str, Any]:
+    """The load check of a run, from scripts/loadgen.py's files: its summary (`loadgen.py run --summary
+    FILE`, or `loadgen.py summary --json`) and, optionally, its order check (`loadgen.py verify --json`).
+    run_start/run_end: the run's wall clock (epoch seconds). A summary whose window does not overlap the
+    run is not counted as this run's (its figures are left out and the reason given); nothing is
+    guessed: orders missing stay None (not checked) without a verify file."""
+    check: dict[str, Any] = {"summary_file": summary_path, "verify_file": verify_path, "problems": []}
+    try:
+        summary = json.loads(Path(summary_path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        check["problems"].append("no summary file (loadgen writes it when it stops: is it still running?)")
+        return check
+    except (OSError, ValueError) as exc:
+        check["problems"].append(f"the summary cannot be read: {exc}")
+        return check
+    needed = ("total", "ok", "failed", "failures_by_status", "failures_by_kind", "window")
+    if not isinstance(summary, dict) or any(key not in summary for key in needed):
+        check["problems"].append("not a loadgen.py summary (keys total, failed, failures_by_status, window...)")
+        return check
+    window = summary.get("window") or {}
+    start, end = window.get("start"), window.get("end")
+    if isinstance(start, (int, float)) and isinstance(end, (int, float)):
+        covered = min(end, run_end) - max(start, run_start)
+        check["window"] = {"start": start, "end": end, "covers_run_seconds": round(max(0.0, covered), 1)}
+        if covered <= 0:
+            check["problems"].append(
+                "the load window does not overlap this run (another run's load check?): its figures are not counted"
+            )
+            return check
+    else:
+        check["problems"].append("the summary has no window (no request recorded?)")
+    check.update(
+        {
+            "url": summary.get("url"),
+            "stopped_by": summary.get("stopped_by"),
+            "requests": summary["total"],
+            "ok": summary["ok"],
+            "failed": summary["failed"],
+            "failures_by_status": summary["failures_by_status"],
+            "failures_by_kind": summary["failures_by_kind"],
+            "errors": dict(list((summary.get("errors") or {}).items())[:5]),
+            "orders_acknowledged": summary.get("orders_acknowledged"),
+            "orders_found": None,
+            "orders_missing": None,  # None: not checked (no verify file)
+        }
+    )
+    if verify_path:
+        try:
+            verified = json.loads(Path(verify_path).read_text(encoding="utf-8"))
+            check["orders_found"] = int(verified["found"])
+            check["orders_missing"] = [int(i) for i in verified["missing"]]
+            check["orders_table"] = verified.get("table")
+            if verified.get("acknowledged") != summary.get("orders_acknowledged"):
+                check["problems"].append(
+                    f"the verify file checked {verified.get('acknowledged')} orders, the summary acknowledged "
+                    f"{summary.get('orders_acknowledged')}: not the same load?"
+                )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            check["problems"].append(f"the verify file cannot be read ({type(exc).__name__}: {exc}); orders not checked")
+    return check
+
+
+def load_line(check: dict[str, Any]) -> list[str]:
+    """The load check in a few words, for the summary: requests and failures, the failures by kind and
+    status, the orders; and what is wrong with the files."""
+    lines = []
+    if check.get("requests") is not None:
+        missing = check.get("orders_missing")
+        orders = (
+            f"orders {check.get('orders_acknowledged')} acknowledged, "
+            + ("not checked against the database" if missing is None else f"{len(missing)} missing")
+            + (f" ({', '.join(map(str, missing[:10]))}{'...' if len(missing) > 10 else ''})" if missing else "")
+        )
+        lines.append(f"{check['requests']} requests, {check['failed']} failed; {orders}")
+        by_kind = ", ".join(
+            f"{kind} {status}: {count}"
+            for kind, counts in sorted(check["failures_by_kind"].items())
+            for status, count in counts.items()
+        )
+        if by_kind:
+            lines.append(f"failed    {by_kind} (status 0: no answer)")
+    lines += [f"problem   {problem}" for problem in check.get("problems") or []]
+    return lines
 
 
 # ------------------------------------------------------------------------------------------ HTML
@@ -519,6 +606,7 @@ def render_html(report: dict[str, Any]) -> str:
         ["undo", report.get("converge")],
         ["failure", report.get("failure")],
         ["maintenance window", report.get("maintenance")],
+        ["load check", "; ".join(load_line(report["load"])) if report.get("load") else None],
     ]
     summary_html = "".join(f"<tr><th>{esc(k)}</th>{_cell(v)}</tr>" for k, v in summary)
     stage_rows = [
@@ -563,6 +651,27 @@ def render_html(report: dict[str, Any]) -> str:
         comparison += [["backup of this run", {k: backup.get(k) for k in ("bytes", "files", "verified") if k in backup}]]
     comparison_html = "".join(f"<tr><th>{esc(k)}</th>{_cell(v)}</tr>" for k, v in comparison) or ""
     errors = [[e["stage"], e["host"], e["task"], e["msg"]] for e in report["errors"]]
+    load = report.get("load")
+    if not load:
+        load_html = "<p class=dim>no load check given (djm migrate/rollback --load-summary, or djm report)</p>"
+    else:
+        missing = load.get("orders_missing")
+        rows_load = [
+            ["summary file", load.get("summary_file")],
+            ["verify file", load.get("verify_file")],
+            ["target", load.get("url")],
+            ["requests", load.get("requests")],
+            ["failed", load.get("failed")],
+            ["failures by status (0: no answer)", load.get("failures_by_status")],
+            ["failures by kind and status", load.get("failures_by_kind")],
+            ["most frequent errors", load.get("errors")],
+            ["orders acknowledged", load.get("orders_acknowledged")],
+            ["orders missing from the database", "not checked" if missing is None else len(missing)],
+            ["missing order ids", missing or None],
+            ["seconds of the run under load", (load.get("window") or {}).get("covers_run_seconds")],
+            ["problems", load.get("problems") or None],
+        ]
+        load_html = "<table>" + "".join(f"<tr><th>{esc(k)}</th>{_cell(v)}</tr>" for k, v in rows_load) + "</table>"
 
     return f"""<!doctype html>
 <html lang=en><head><meta charset=utf-8>
@@ -594,6 +703,8 @@ th{{background:#f5f5f5}} code{{font-size:12px;white-space:pre-wrap;word-break:br
 {_table(["migration", "operation", "table", "column", "deferred SQL"], deferred)}
 <h2>Data proof: backup and fingerprint comparison</h2>
 {f"<table>{comparison_html}</table>" if comparison_html else "<p class=dim>the run record holds no comparison (no undo ran)</p>"}
+<h2>Load check (scripts/loadgen.py)</h2>
+{load_html}
 <h2>Migrations applied</h2>
 {_table(["migration"], [[m] for m in report.get("migrations_applied") or []])}
 <h2>Errors</h2>

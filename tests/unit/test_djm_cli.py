@@ -582,8 +582,11 @@ class FakeRunner:
     djm (this process) `sigints` SIGINTs and asking cancel_callback as the real runner's loop does;
     returns `canceled` once asked to, unless it ignores the cancel (a runner that will not return)."""
 
-    def __init__(self, events: list[dict[str, Any]], sigints: int = 1, ignore_cancel: bool = False, pid: int = 999999) -> None:
+    def __init__(
+        self, events: list[dict[str, Any]], sigints: int = 1, ignore_cancel: bool = False, pid: int = 999999, status: str = ""
+    ) -> None:
         self.events, self.sigints, self.ignore_cancel, self.pid = events, sigints, ignore_cancel, pid
+        self.status = status  # "successful"/"failed": return that after the events, no Ctrl-C
         self.kwargs: dict[str, Any] = {}
         self.called = 0
 
@@ -596,6 +599,8 @@ class FakeRunner:
         self.kwargs = kwargs
         for event in self.events:
             kwargs["event_handler"]({**event, "pid": self.pid})
+        if self.status:
+            return SimpleNamespace(rc=0 if self.status == "successful" else 2, status=self.status, stdout=None)
         deadline = time.monotonic() + 10
         sent = 0
         while time.monotonic() < deadline:
@@ -766,3 +771,91 @@ def test_ctrl_c_cancels_a_real_ansible_playbook(tmp_path: Path, capsys: pytest.C
     assert survivors == []
     err = capsys.readouterr().err
     assert "Ctrl-C: cancelling the run" in err and "stopped 1 ansible worker(s) still running a task" in err
+
+
+# ------------------------------------------------------------------------------------------ load check
+def load_files(tmp_path: Path, start: float, missing: list[int] | None = None) -> tuple[Path, Path]:
+    """A loadgen summary made by loadgen's own summarize() (its format, not a copy of it) and a verify
+    file as `loadgen.py verify --json` prints it."""
+    import loadgen
+
+    records = []
+    for seq in range(20):
+        kind = ("browse", "profile", "checkout")[seq % 3]
+        failed = seq in (4, 5, 7)  # 5 checkout: 500; 4 profile, 7 profile: no answer
+        status = 0 if seq in (4, 7) else 500 if failed else 200
+        order = 100 + seq if kind == "checkout" and not failed else None
+        records.append(
+            {"t_start": start + seq * 0.5, "duration_ms": 20.0, "kind": kind, "status": status, "ok": not failed,
+             "error": "connection refused" if status == 0 else "HTTP 500" if failed else None, "order_id": order, "headers": {}}
+        )  # fmt: skip
+    summary = {"url": "http://10.90.0.10:80", "stopped_by": "stop-file", **loadgen.summarize(records)}
+    (tmp_path / "load.json").write_text(json.dumps(summary))
+    acknowledged = summary["orders_acknowledged"]
+    missing = missing or []
+    verify = {"acknowledged": acknowledged, "found": acknowledged - len(missing), "missing": missing, "table": "orders.id"}
+    (tmp_path / "verify.json").write_text(json.dumps(verify))
+    return tmp_path / "load.json", tmp_path / "verify.json"
+
+
+def test_load_check_counts_failures_and_missing_orders(tmp_path: Path) -> None:
+    summary, verify = load_files(tmp_path, start=1000.0, missing=[108])
+    check = djm_report.load_check(str(summary), str(verify), run_start=995.0, run_end=1100.0)
+    assert check["problems"] == []
+    assert (check["requests"], check["failed"], check["orders_acknowledged"]) == (20, 3, 5)
+    assert check["failures_by_status"] == {"0": 2, "500": 1}
+    assert check["failures_by_kind"] == {"checkout": {"500": 1}, "profile": {"0": 2}}
+    assert check["orders_missing"] == [108] and check["window"]["covers_run_seconds"] == 9.5
+    said = djm_report.load_line(check)
+    assert said[0] == "20 requests, 3 failed; orders 5 acknowledged, 1 missing (108)"
+    assert said[1] == "failed    checkout 500: 1, profile 0: 2 (status 0: no answer)"
+    # Without a verify file the orders are not checked, and not reported as found.
+    check = djm_report.load_check(str(summary), None, run_start=995.0, run_end=1100.0)
+    assert check["orders_missing"] is None and "not checked against the database" in djm_report.load_line(check)[0]
+
+
+def test_load_check_never_counts_another_runs_load(tmp_path: Path) -> None:
+    summary, verify = load_files(tmp_path, start=1000.0)
+    check = djm_report.load_check(str(summary), str(verify), run_start=2000.0, run_end=2100.0)
+    assert "requests" not in check and "does not overlap this run" in check["problems"][0]
+    check = djm_report.load_check(str(tmp_path / "absent.json"), None, run_start=2000.0, run_end=2100.0)
+    assert "requests" not in check and "is it still running?" in check["problems"][0]
+    (tmp_path / "other.json").write_text('{"total": 1}')
+    check = djm_report.load_check(str(tmp_path / "other.json"), None, run_start=2000.0, run_end=2100.0)
+    assert "not a loadgen.py summary" in check["problems"][0]
+    assert djm_report.load_line(check) == [f"problem   {check['problems'][0]}"]
+
+
+def test_migrate_with_a_load_summary_shows_it_in_the_summary_and_the_report(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import time
+
+    summary, verify = load_files(tmp_path, start=time.time() - 2, missing=[])
+    fake = FakeRunner(migrate_stream(fail_at_migrate=False).events, status="successful")
+    code = run_djm(monkeypatch, fake, ["migrate", "v2", "--load-summary", str(summary), "--load-verify", str(verify)], tmp_path)
+    out = capsys.readouterr().out
+    assert code == EXIT_OK
+    assert "  load      20 requests, 3 failed; orders 5 acknowledged, 0 missing\n" in out
+    assert "  failed    checkout 500: 1, profile 0: 2 (status 0: no answer)" in out
+    report = json.loads((tmp_path / "acme" / f"{RUN}.json").read_text())
+    assert report["load"]["failures_by_kind"] == {"checkout": {"500": 1}, "profile": {"0": 2}}
+    page = (tmp_path / "acme" / f"{RUN}.html").read_text()
+    assert "Load check (scripts/loadgen.py)" in page and "orders missing from the database</th><td>0</td>" in page
+
+
+def test_djm_report_adds_a_load_check_afterwards(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    timeline = timeline_of(migrate_stream(fail_at_migrate=False))
+    report = report_of("migrate", timeline, True, tmp_path)
+    djm_report.write_report(report)
+    assert "no load check given" in (tmp_path / f"{RUN}.html").read_text()
+    run_start = 1796040000.0  # report_of's wall_started, 2026-11-30T12:00:00Z, and 100 s
+    summary, verify = load_files(tmp_path, start=run_start + 50, missing=[102, 105])
+    argv = ["report", str(tmp_path / f"{RUN}.json"), "--load-summary", str(summary), "--load-verify", str(verify)]
+    assert djm.main(argv) == EXIT_OK
+    assert "orders 5 acknowledged, 2 missing (102, 105)" in capsys.readouterr().out
+    assert json.loads((tmp_path / f"{RUN}.json").read_text())["load"]["orders_missing"] == [102, 105]
+    assert "missing order ids</th><td><code>[102, 105]</code>" in (tmp_path / f"{RUN}.html").read_text()
+    summary, verify = load_files(tmp_path, start=run_start + 500)  # after the run: not its load
+    assert djm.main(argv) == EXIT_REFUSED
+    assert "does not overlap this run" in capsys.readouterr().out
