@@ -205,13 +205,32 @@ class Parser(argparse.ArgumentParser):
 class Progress:
     """Lines on stdout from runner events: a stage when its first host reports (a stage whose tasks
     all skip is not shown), the batches of a serial play, every failure; on a terminal, a status line
-    (stage, host, task, elapsed) rewritten in place."""
+    (stage, host, task, elapsed) rewritten in place.
 
-    def __init__(self, timeline: Timeline, stream: Any = sys.stdout, live: bool | None = None) -> None:
+    On a terminal only, a long step (djm_report.LONG_STEPS: the dump, its verification and copy, a
+    restore and its check, the wheelhouse) shows a bar of its elapsed time against an estimate: the
+    same step in the newest earlier report of the project (scaled by the database's size for the
+    backup steps when both sizes are known), labelled as such; without one, the elapsed time alone.
+    Ansible reports nothing while a task runs, so there are no bytes written to show: the database's
+    size and the dump's expected size (pg_backup's preflight) are shown beside, as what they are."""
+
+    def __init__(
+        self,
+        timeline: Timeline,
+        stream: Any = sys.stdout,
+        live: bool | None = None,
+        reports_dir: Path | None = None,
+        clock: Any = time.monotonic,
+    ) -> None:
         self.timeline = timeline
         self.stream = stream
         self.live = stream.isatty() if live is None else live
-        self.started = time.monotonic()
+        self.clock = clock
+        self.started = clock()
+        self.reports_dir = reports_dir
+        self.steps: dict[tuple[str, str], dict[str, Any]] = {}  # (host, task) -> the long step going there
+        self.earlier: tuple[str, list[dict[str, Any]]] | None = None
+        self.drawn = 0.0
         self.pending: dict[str, Any] = {}
         self.shown = ""
         self.shown_play = ""
@@ -220,7 +239,7 @@ class Progress:
         self.batch_done = 0
 
     def elapsed(self) -> str:
-        return f"{time.monotonic() - self.started:6.0f}s"
+        return f"{self.clock() - self.started:6.0f}s"
 
     def line(self, text: str) -> None:
         if self.live:
@@ -239,8 +258,59 @@ class Progress:
     def total_hosts(self) -> int:
         return len((self.timeline.record or {}).get("hosts") or []) or 1
 
+    def step_started(self, host: str, task: str) -> None:
+        step = djm_report.long_step(task)
+        if not step or not self.live:
+            return
+        if self.earlier is None and self.reports_dir is not None and self.timeline.project:
+            self.earlier = djm_report.earlier_long_steps(self.reports_dir, self.timeline.project, self.timeline.run_id)
+        guess = djm_report.estimate(self.earlier or ("", []), step, host, self.timeline.db_size_bytes)
+        self.steps[(host, task)] = {"step": step, "host": host, "started": self.clock(), "estimate": guess}
+        self.tick(force=True)
+
+    def tick(self, force: bool = False) -> None:
+        """Redraw the long step's bar (at most once a second): called on each event and by the runner's
+        cancel_callback, which it asks every RUNNER_POLL_SECONDS while ansible is silent."""
+        if not self.live or not self.steps:
+            return
+        now = self.clock()
+        if not force and now - self.drawn < 1.0:
+            return
+        self.drawn = now
+        self.transient(self.bar(now))
+
+    def bar(self, now: float) -> str:
+        first = min(self.steps.values(), key=lambda s: s["started"])
+        hosts = [s["host"] for s in self.steps.values() if s["step"] == first["step"]]
+        took = now - first["started"]
+        text = f"{first['step']:<12} {hosts[0] if len(hosts) == 1 else f'{len(hosts)} hosts'}  "
+        guess = first["estimate"]
+        if guess:
+            share = min(1.0, took / guess["seconds"]) if guess["seconds"] > 0 else 1.0
+            filled = round(share * 20)
+            text += f"[{'#' * filled}{'.' * (20 - filled)}] {took:.0f}s of ~{guess['seconds']:.0f}s"
+            text += (" (over the estimate)" if took > guess["seconds"] else "") + f"  {guess['label']}"
+        else:
+            text += f"{took:.0f}s (no earlier run of this step to estimate from)"
+        size, dump = self.timeline.db_size_bytes, self.timeline.estimated_dump_bytes
+        if first["step"] in djm_report.SIZED_STEPS and size:
+            text += f"; database {djm_report.mib(size)}" + (f", dump ~{djm_report.mib(dump)}" if dump else "")
+        return text
+
     def event(self, event: dict[str, Any]) -> None:
-        change = self.timeline.feed(event)
+        kind = event.get("event")
+        data = event.get("event_data") or {}
+        if kind == "runner_on_start":
+            self.step_started(str(data.get("host") or "?"), str(data.get("task") or ""))
+        elif kind in djm_report.RESULT_EVENTS and self.steps:
+            self.steps.pop((str(data.get("host") or "?"), str(data.get("task") or "")), None)
+            if not self.steps:
+                self.status = ""
+        self.show(self.timeline.feed(event), event)
+        if self.steps:
+            self.tick(force=True)  # the bar stays on the status line while a long step goes on
+
+    def show(self, change: dict[str, Any] | None, event: dict[str, Any]) -> None:
         if change is None:
             if event.get("event") == "playbook_on_task_start":
                 task = (event.get("event_data") or {}).get("task", "")
@@ -279,6 +349,7 @@ class Progress:
                 self.transient(f"{stage:<12} {change['host']} {change['status']}: {change['task']}")
 
     def finish(self) -> None:
+        self.steps.clear()
         if self.live:
             self.stream.write("\r\033[K")
             self.stream.flush()
@@ -366,6 +437,15 @@ def run_playbook(
             print(event["stdout"], flush=True)
         return False  # nothing kept under the runner's private directory
 
+    def cancel_callback() -> bool:  # asked every RUNNER_POLL_SECONDS: also the long step's clock
+        if progress is not None and not broken:
+            try:
+                progress.tick()
+            except Exception as exc:
+                broken.append(exc)
+                print(f"djm: progress display stopped ({type(exc).__name__}: {exc}); the run goes on", file=sys.stderr)
+        return INTERRUPTS.cancel_requested()
+
     kept = private / "ansible-output.log"
     if INTERRUPTS.cancel_requested():  # Ctrl-C before the playbook started: do not start it
         shutil.rmtree(private, ignore_errors=True)
@@ -384,7 +464,7 @@ def run_playbook(
                 settings={"pexpect_timeout": RUNNER_POLL_SECONDS},
                 quiet=True,
                 event_handler=on_event,
-                cancel_callback=INTERRUPTS.cancel_requested,
+                cancel_callback=cancel_callback,
                 rotate_artifacts=1,
             )
         except ForceStopped:
@@ -539,7 +619,7 @@ def command_run(args: argparse.Namespace) -> int:
         if args.to_release:
             extra += ["-e", f"rollback_to_release={args.to_release}"]
     timeline = Timeline()
-    progress = None if args.output else Progress(timeline)
+    progress = None if args.output else Progress(timeline, reports_dir=Path(args.reports_dir))
     wall = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     wall_epoch = time.time()
     started = time.monotonic()

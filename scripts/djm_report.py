@@ -90,6 +90,31 @@ def _seconds(stamp: str | None) -> float | None:
         return None
 
 
+# The long steps of a run, by the start of their task names in the roles (pg_backup, pg_restore,
+# django_release): a progress bar on a terminal, their durations in the report (the next run's estimate).
+LONG_STEPS = (
+    ("Take a snapshot-consistent pg_dump", "backup"),
+    ("Verify checksums, archive", "backup verify"),
+    ("Copy the backup to", "backup copy"),
+    ("Re-verify the backup's checksums", "restore check"),
+    ("Restore the backup into a new database", "restore"),
+    ("Build the wheels of", "wheelhouse build"),
+    ("Fetch the wheelhouse tarball", "wheelhouse fetch"),
+    ("Copy the wheelhouse tarball", "wheelhouse copy"),
+    ("Install the requirements from the wheelhouse", "wheelhouse install"),
+)
+# Steps whose time grows with the database (an estimate from an earlier run is scaled by its size).
+SIZED_STEPS = ("backup", "backup verify", "backup copy")
+
+
+def long_step(task: str) -> str:
+    """The long step a task is ("" for any other task)."""
+    for prefix, step in LONG_STEPS:
+        if task.startswith(prefix):
+            return step
+    return ""
+
+
 RESULT_EVENTS = {
     "runner_on_ok": "ok",
     "runner_on_failed": "failed",
@@ -115,6 +140,9 @@ class Timeline:
     lock_status: dict[str, Any] | None = None
     messages: list[str] = field(default_factory=list)
     said: str = ""  # the last debug message: the run's own last word (finish's report, "nothing to do")
+    long_steps: list[dict[str, Any]] = field(default_factory=list)
+    db_size_bytes: int | None = None  # pg_backup's preflight: the database's size, and the dump it expects
+    estimated_dump_bytes: int | None = None
     _plays: dict[str, int] = field(default_factory=dict)
     _play_key: str = ""
     _batch_hosts: dict[str, dict[int, list[str]]] = field(default_factory=dict)
@@ -214,6 +242,19 @@ class Timeline:
         if start is not None and (entry["started"] is None or start < entry["started"]):
             entry["started"] = start
         change = self._watch(res, data, host)
+        step = long_step(str(data.get("task") or ""))
+        if step and status != "skipped" and start is not None and end is not None:
+            self.long_steps.append(
+                {
+                    "step": step,
+                    "host": host,
+                    "task": str(data.get("task") or ""),
+                    "stage": entry["stage"],
+                    "seconds": round(end - start, 1),
+                    "status": status,
+                    **({"db_size_bytes": self.db_size_bytes} if step in SIZED_STEPS and self.db_size_bytes else {}),
+                }
+            )
         if status in ("failed", "unreachable") and not data.get("ignore_errors"):
             error = {
                 "stage": entry["stage"],
@@ -271,6 +312,15 @@ class Timeline:
                 self.backups = json.loads(res.get("stdout") or "{}")
             except ValueError:
                 self.backups = None
+        if action == "script" and str(data.get("task") or "").startswith("Run the preflight checks for backup"):
+            try:
+                preflight = json.loads(res.get("stdout") or "{}")
+            except ValueError:
+                preflight = {}
+            if isinstance(preflight.get("db_size_bytes"), int):
+                self.db_size_bytes = preflight["db_size_bytes"]
+            if isinstance(preflight.get("estimated_dump_bytes"), int):
+                self.estimated_dump_bytes = preflight["estimated_dump_bytes"]
         if action in ("debug", "assert") and isinstance(res.get("msg"), (str, list)):
             text = res["msg"] if isinstance(res["msg"], str) else "\n".join(map(str, res["msg"]))
             if text != "All assertions passed":
@@ -411,11 +461,56 @@ def build_report(
         "maintenance": record.get("maintenance"),
         "contract_pending": record.get("contract_pending"),
         "said": timeline.said or None,
+        "long_steps": timeline.long_steps,
+        "database_size_bytes": timeline.db_size_bytes,
         "load": None,  # the load check, when one is given (load_check)
         "record": record or None,
         "paths": paths,
     }
     return report
+
+
+# ------------------------------------------------------------------------------------------ estimates
+def mib(size: float) -> str:
+    return f"{size / 2**20:.0f} MiB"
+
+
+def earlier_long_steps(reports_dir: Path, project: str, run_id: str, newest: int = 20) -> tuple[str, list[dict[str, Any]]]:
+    """The long steps of the newest earlier report of the project that has some (reports written by this
+    djm onwards): (its run id, its steps); ("", []) when there is none."""
+    try:
+        files = sorted((reports_dir / project).glob("*.json"), key=lambda f: f.stat().st_mtime, reverse=True)
+    except OSError:
+        return "", []
+    for path in files[:newest]:
+        if run_id and path.stem == run_id:
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        steps = data.get("long_steps") if isinstance(data, dict) else None
+        if steps:
+            return str(data.get("run_id") or path.stem), steps
+    return "", []
+
+
+def estimate(earlier: tuple[str, list[dict[str, Any]]], step: str, host: str, db_size: int | None) -> dict[str, Any] | None:
+    """How long a long step should take, from the same step in an earlier run (on the same host when it
+    ran there; its longest otherwise), scaled by the database's size for the backup steps when both
+    sizes are known. {"seconds", "label"} (the label says where the figure comes from), or None."""
+    run_id, steps = earlier
+    done = [s for s in steps if s.get("step") == step and s.get("status") in ("ok", "changed") and s.get("seconds")]
+    same = [s for s in done if s.get("host") == host] or done
+    if not same:
+        return None
+    before = max(same, key=lambda s: float(s["seconds"]))
+    seconds = float(before["seconds"])
+    label = f"estimate: run {run_id} took {seconds:.0f} s"
+    if step in SIZED_STEPS and db_size and before.get("db_size_bytes"):
+        seconds = seconds * db_size / float(before["db_size_bytes"])
+        label += f" at {mib(before['db_size_bytes'])}, scaled to {mib(db_size)}"
+    return {"seconds": seconds, "label": label}
 
 
 # ------------------------------------------------------------------------------------------ load check

@@ -649,7 +649,7 @@ def test_first_ctrl_c_cancels_the_runner_and_names_the_held_lock(
     code = run_djm(monkeypatch, fake, ["migrate", "v2", "-i", "staging"], tmp_path)
     out, err = capsys.readouterr()
     assert code == EXIT_NEEDS_HUMAN
-    assert fake.kwargs["cancel_callback"] == djm.INTERRUPTS.cancel_requested
+    assert fake.kwargs["cancel_callback"]() is True  # asked after the Ctrl-C: cancel
     assert fake.kwargs["settings"] == {"pexpect_timeout": djm.RUNNER_POLL_SECONDS}
     assert "Ctrl-C: cancelling the run" in err and "force-stop" in err
     assert "stopped   cancelled by Ctrl-C" in out
@@ -859,3 +859,149 @@ def test_djm_report_adds_a_load_check_afterwards(capsys: pytest.CaptureFixture[s
     summary, verify = load_files(tmp_path, start=run_start + 500)  # after the run: not its load
     assert djm.main(argv) == EXIT_REFUSED
     assert "does not overlap this run" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ long steps
+DUMP_TASK = f"Take a snapshot-consistent pg_dump as backup pre-v2-{RUN}"
+PREFLIGHT = {"ok": True, "state": "absent", "db_size_bytes": 1000 * 2**20, "estimated_dump_bytes": 300 * 2**20}
+
+
+def backup_stream(dump_seconds: float = 60.0) -> Stream:
+    """The run up to the lock, then the backup stage: pg_backup's preflight (the database's size) and
+    the dump, a long step."""
+    s = Stream()
+    s.events = events_until(migrate_stream(fail_at_migrate=False), "Prepare")
+    s.t = 20.0
+    s.play_start("Backup - a verified backup of the database, keyed by this run", "db[0]")
+    s.result("db1", "Run the preflight checks for backup x", res={"stdout": json.dumps(PREFLIGHT)}, action="script")
+    s.events.append({"event": "runner_on_start", "created": s.stamp(0.1), "event_data": {"host": "db1", "task": DUMP_TASK}})
+    s.result("db1", DUMP_TASK, res={"changed": True}, seconds=dump_seconds)
+    return s
+
+
+def test_long_steps_are_recorded_with_the_database_size(tmp_path: Path) -> None:
+    timeline = timeline_of(backup_stream(dump_seconds=60.0))
+    assert timeline.db_size_bytes == 1000 * 2**20 and timeline.estimated_dump_bytes == 300 * 2**20
+    assert timeline.long_steps == [
+        {
+            "step": "backup",
+            "host": "db1",
+            "task": DUMP_TASK,
+            "stage": "backup",
+            "seconds": 60.0,
+            "status": "changed",
+            "db_size_bytes": 1000 * 2**20,
+        }
+    ]
+    report = report_of("migrate", timeline, False, tmp_path)
+    assert report["long_steps"] == timeline.long_steps and report["database_size_bytes"] == 1000 * 2**20
+    assert djm_report.long_step("Install the requirements from the wheelhouse, offline") == "wheelhouse install"
+    assert djm_report.long_step("Restore the backup into a new database and require its fingerprints") == "restore"
+    assert djm_report.long_step("Check that the host answers") == ""
+
+
+def test_estimates_come_from_the_same_step_of_an_earlier_report(tmp_path: Path) -> None:
+    import time
+
+    steps = [
+        {"step": "backup", "host": "db1", "seconds": 100.0, "status": "changed", "db_size_bytes": 500 * 2**20},
+        {"step": "wheelhouse install", "host": "app1", "seconds": 30.0, "status": "changed"},
+        {"step": "wheelhouse install", "host": "app2", "seconds": 40.0, "status": "changed"},
+        {"step": "restore", "host": "db1", "seconds": 5.0, "status": "failed"},
+    ]
+    earlier = ("run-a", steps)
+    assert djm_report.estimate(earlier, "backup", "db1", 1000 * 2**20) == {
+        "seconds": 200.0,
+        "label": "estimate: run run-a took 100 s at 500 MiB, scaled to 1000 MiB",
+    }
+    assert djm_report.estimate(earlier, "backup", "db1", None)["seconds"] == 100.0  # size unknown: not scaled
+    assert djm_report.estimate(earlier, "wheelhouse install", "app2", 10**9)["seconds"] == 40.0  # that host's, never scaled
+    assert djm_report.estimate(earlier, "wheelhouse install", "app9", None)["seconds"] == 40.0  # the longest elsewhere
+    assert djm_report.estimate(earlier, "restore", "db1", None) is None  # a failed restore is no estimate
+    assert djm_report.estimate(("", []), "backup", "db1", None) is None
+
+    where = tmp_path / "acme"
+    where.mkdir()
+    (where / "old.json").write_text(json.dumps({"run_id": "old", "long_steps": steps}))
+    (where / "plain.json").write_text(json.dumps({"run_id": "plain", "long_steps": []}))  # a plan: no long step
+    (where / f"{RUN}.json").write_text(json.dumps({"run_id": RUN, "long_steps": [{"step": "backup"}]}))  # this run
+    for age, name in enumerate(["old", "plain", RUN]):
+        os.utime(where / f"{name}.json", (time.time() - 100 + age, time.time() - 100 + age))
+    assert djm_report.earlier_long_steps(tmp_path, "acme", RUN) == ("old", steps)
+    assert djm_report.earlier_long_steps(tmp_path, "other", RUN) == ("", [])
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def progress_of(stream: Stream, reports: Path, live: bool, clock: Clock, stop_before_result: bool = True) -> Any:
+    import io
+
+    out = io.StringIO()
+    progress = djm.Progress(Timeline(), stream=out, live=live, reports_dir=reports, clock=clock)
+    events = stream.events[:-1] if stop_before_result else stream.events
+    for event in events:
+        progress.event(event)
+    return progress, out
+
+
+@pytest.fixture
+def wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(djm.shutil, "get_terminal_size", lambda *_a: os.terminal_size((200, 50)))
+
+
+def test_a_long_step_shows_a_bar_against_the_earlier_run_on_a_terminal(tmp_path: Path, wide_terminal: None) -> None:
+    (tmp_path / "acme").mkdir()
+    steps = [{"step": "backup", "host": "db1", "seconds": 100.0, "status": "changed", "db_size_bytes": 500 * 2**20}]
+    (tmp_path / "acme" / "earlier.json").write_text(json.dumps({"run_id": "earlier", "long_steps": steps}))
+    clock = Clock()
+    progress, out = progress_of(backup_stream(), tmp_path, live=True, clock=clock)
+    clock.now += 50
+    progress.tick()  # the runner's cancel_callback, while ansible is silent
+    shown = out.getvalue().rsplit("\r\033[K", 1)[-1]
+    assert shown == (
+        "    50s  backup       db1  [#####...............] 50s of ~200s  "
+        "estimate: run earlier took 100 s at 500 MiB, scaled to 1000 MiB; database 1000 MiB, dump ~300 MiB"
+    )
+    clock.now += 0.5
+    progress.tick()
+    assert out.getvalue().rsplit("\r\033[K", 1)[-1] == shown  # at most one redraw a second
+    clock.now += 250
+    progress.tick()
+    assert "[####################] 300s of ~200s (over the estimate)" in out.getvalue().rsplit("\r\033[K", 1)[-1]
+    progress.event(backup_stream().events[-1])  # the dump's result: the step is over
+    assert progress.steps == {}
+    before = out.getvalue()
+    clock.now += 5
+    progress.tick()
+    assert out.getvalue() == before
+
+
+def test_a_long_step_without_an_earlier_run_shows_its_time_only(tmp_path: Path, wide_terminal: None) -> None:
+    clock = Clock()
+    progress, out = progress_of(backup_stream(), tmp_path, live=True, clock=clock)
+    clock.now += 12
+    progress.tick()
+    shown = out.getvalue().rsplit("\r\033[K", 1)[-1]
+    # No bar, no invented figure: the time, and the sizes the preflight measured.
+    assert shown == (
+        "    12s  backup       db1  12s (no earlier run of this step to estimate from); database 1000 MiB, dump ~300 MiB"
+    )
+
+
+def test_no_bar_and_nothing_extra_off_a_terminal(tmp_path: Path) -> None:
+    (tmp_path / "acme").mkdir()
+    steps = [{"step": "backup", "host": "db1", "seconds": 100.0, "status": "changed"}]
+    (tmp_path / "acme" / "earlier.json").write_text(json.dumps({"run_id": "earlier", "long_steps": steps}))
+    clock = Clock()
+    _, plain = progress_of(backup_stream(), tmp_path, live=False, clock=clock)
+    progress, out = progress_of(backup_stream(), tmp_path, live=False, clock=clock)
+    clock.now += 50
+    progress.tick()
+    assert out.getvalue() == plain.getvalue()
+    assert "estimate" not in out.getvalue() and "\r" not in out.getvalue() and "#" not in out.getvalue()
