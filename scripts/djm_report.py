@@ -746,6 +746,17 @@ def render_html(report: dict[str, Any]) -> str:
         comparison += [["backup of this run", {k: backup.get(k) for k in ("bytes", "files", "verified") if k in backup}]]
     comparison_html = "".join(f"<tr><th>{esc(k)}</th>{_cell(v)}</tr>" for k, v in comparison) or ""
     errors = [[e["stage"], e["host"], e["task"], e["msg"]] for e in report["errors"]]
+    long_rows = [
+        [
+            step.get("step"),
+            step.get("host"),
+            step.get("stage"),
+            step.get("seconds"),
+            step.get("status"),
+            mib(step["db_size_bytes"]) if step.get("db_size_bytes") else None,
+        ]
+        for step in report.get("long_steps") or []
+    ]
     load = report.get("load")
     if not load:
         load_html = "<p class=dim>no load check given (djm migrate/rollback --load-summary, or djm report)</p>"
@@ -798,6 +809,8 @@ th{{background:#f5f5f5}} code{{font-size:12px;white-space:pre-wrap;word-break:br
 {_table(["migration", "operation", "table", "column", "deferred SQL"], deferred)}
 <h2>Data proof: backup and fingerprint comparison</h2>
 {f"<table>{comparison_html}</table>" if comparison_html else "<p class=dim>the run record holds no comparison (no undo ran)</p>"}
+<h2>Long steps</h2>
+{_table(["step", "host", "stage", "seconds", "status", "database size"], long_rows)}
 <h2>Load check (scripts/loadgen.py)</h2>
 {load_html}
 <h2>Migrations applied</h2>

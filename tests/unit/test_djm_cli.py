@@ -895,6 +895,9 @@ def test_long_steps_are_recorded_with_the_database_size(tmp_path: Path) -> None:
     ]
     report = report_of("migrate", timeline, False, tmp_path)
     assert report["long_steps"] == timeline.long_steps and report["database_size_bytes"] == 1000 * 2**20
+    page = djm_report.render_html(report)
+    assert "<h2>Long steps</h2>" in page
+    assert "<td>backup</td><td>db1</td><td>backup</td><td>60.0</td><td>changed</td><td>1000 MiB</td>" in page
     assert djm_report.long_step("Install the requirements from the wheelhouse, offline") == "wheelhouse install"
     assert djm_report.long_step("Restore the backup into a new database and require its fingerprints") == "restore"
     assert djm_report.long_step("Check that the host answers") == ""
