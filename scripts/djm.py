@@ -22,7 +22,11 @@ Common options (each command): -i INVENTORY (repeatable; default: ansible.cfg's,
 ansible verbosity in the saved output), --output (show ansible's own output instead of the progress).
 
 While it runs: one line per stage as it starts (elapsed time, stage, hosts), the rolling switch's
-batches (batch k/n and its hosts), every failure as it happens. At the end: a summary table of the
+batches (batch k/n and its hosts), every failure as it happens; on a terminal, a long step (backup,
+restore, wheelhouse) shows a bar of its time against the same step of the project's last report,
+marked as an estimate. Ctrl-C cancels the run (ansible-runner stops ansible-playbook within a second)
+and says what it left: the deploy lock, and `djm rollback` to finish the run; a second Ctrl-C kills
+ansible-playbook and stops at once. At the end: a summary table of the
 stages (duration, hosts, status) and, for plan/migrate/rollback, the run report:
   build/reports/<project>/<run id>.json   stages with durations per host, plan, strategy, backup,
                                           migrations applied, undo, failure, result, the run record;

@@ -283,10 +283,18 @@ def test_help_documents_every_exit_code_and_command(capsys: pytest.CaptureFixtur
         "backups list",
         "backups verify",
         "build/reports/<project>/<run id>.html",
+        "djm report RUN.json",
+        "Ctrl-C cancels the run",
+        "a second Ctrl-C kills",
+        "marked as an estimate",
     ):
         assert needle in text
     for code in range(4):
         assert f"\n  {code}  " in text
+    with pytest.raises(SystemExit):
+        djm.parse_args(["migrate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--load-summary FILE" in text and "loadgen.py run --summary FILE" in text and "loadgen.py verify --json" in text
 
 
 def test_bad_arguments_are_refused_with_exit_3() -> None:
