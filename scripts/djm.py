@@ -76,15 +76,18 @@ class Refused(Exception):
     """Bad arguments: exit 3, nothing was run."""
 
 
-class ForceStopped(Exception):
-    """A second Ctrl-C: djm stops at once, without waiting for ansible-runner to return."""
+class ForceStopped(BaseException):
+    """A second Ctrl-C: djm stops at once, without waiting for ansible-runner to return. A
+    BaseException, as KeyboardInterrupt is: the `except Exception` that keeps a display bug from
+    stopping a migration (on_event, the tick) must not swallow it."""
 
 
 class Interrupts:
     """Ctrl-C (SIGINT) for the whole of djm's life. Installed first thing in main(), so a SIGINT is
     never lost: a job started in the background by a non-interactive shell inherits SIGINT *ignored*,
-    and only a handler of our own undoes that (one Ctrl-C in three was lost while the handler was set
-    only around the runner).
+    and only a handler of our own undoes that (while the handler was set only around the runner, a
+    Ctrl-C during djm's start was ignored: the likely cause of the one lost in three tries on a
+    backgrounded `djm plan`).
 
     First Ctrl-C: cancel_requested() turns true; ansible-runner polls it (cancel_callback, every
     RUNNER_POLL_SECONDS) and kills ansible-playbook's process group, the run ends `canceled`, and
@@ -146,7 +149,7 @@ class Interrupts:
     def kill_workers(self) -> list[int]:
         """SIGKILL the process groups of ansible-playbook's children that are not in its own group
         (its workers, each with what it started); never djm's group. The workers' pids."""
-        if not self.child_pid or not self.running:
+        if not self.child_pid or not self.running or self.child_pid == os.getpid():
             return []
         try:
             parent_group = os.getpgid(self.child_pid)
@@ -167,7 +170,7 @@ class Interrupts:
         """SIGKILL ansible-playbook's process group (pexpect makes it a session of its own; never
         djm's own group). The pid, or None when there was nothing to kill."""
         pid = self.child_pid
-        if not pid or not self.running:
+        if not pid or not self.running or pid == os.getpid():
             return None
         self.kill_workers()
         try:
@@ -1065,7 +1068,7 @@ def run_main(argv: list[str] | None) -> int:
         started = RUNS_STARTED > 0 and (args.command in ("migrate", "rollback") or (args.command == "plan" and args.prepare))
         code = djm_report.EXIT_NEEDS_HUMAN if started else EXIT_REFUSED
         print(
-            f"djm: force-stopped; no report written; exit {code}: {djm_report.EXIT_MEANINGS[code]}"
+            f"djm: force-stopped before the report was complete; exit {code}: {djm_report.EXIT_MEANINGS[code]}"
             + (" (`djm status` shows the lock and the releases; `djm rollback` finishes an interrupted run)" if started else ""),
             file=sys.stderr,
         )

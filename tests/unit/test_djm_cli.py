@@ -717,6 +717,26 @@ def test_second_ctrl_c_kills_the_playbook_and_stops(
     assert json.loads((tmp_path / "acme" / f"{RUN}.json").read_text())["interrupted"]["status"] == "force-stopped"
 
 
+def test_second_ctrl_c_is_not_swallowed_by_the_display_guard(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A display bug never stops a run (on_event catches Exception): a force-stop arriving while an
+    event is shown must get through all the same."""
+    import signal
+
+    def second_ctrl_c_while_showing(self: Any, change: Any, event: dict[str, Any]) -> None:
+        if event["event"] == "playbook_on_play_start" and event["event_data"]["play"].startswith("Plan"):
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(djm.Progress, "show", second_ctrl_c_while_showing)
+    fake = FakeRunner(events_until(migrate_stream(fail_at_migrate=False), "Maintenance"), sigints=0, ignore_cancel=True)
+    assert run_djm(monkeypatch, fake, ["migrate", "v2"], tmp_path) == EXIT_NEEDS_HUMAN
+    out, err = capsys.readouterr()
+    assert "progress display stopped" not in err and "second Ctrl-C: force-stop" in err
+    assert "stopped   force-stopped by a second Ctrl-C" in out
+
+
 def test_a_stopped_rollback_names_the_lock_it_holds() -> None:
     timeline = Timeline(run_id="rollback-1", record={"run_id": RUN, "rollback_requested": {"by_run": "rollback-1"}})
     code, said = djm.after_stop("rollback", "canceled", timeline, ["production"])
