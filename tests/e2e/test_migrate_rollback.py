@@ -248,6 +248,25 @@ def test_two_phase_failed_health_gate_switches_back_and_the_next_run_finishes_th
     assert e2e.sql(column("products", "category")) == ""
     assert e2e.sql(column("products", "category_id")) == "NO"
 
+    # Restoring the backup of the run that finished the contract brings back the database it found:
+    # expanded, its contract pending. The record and the state file on app1 must say so again, or the
+    # next run would find nothing to finish and leave the schema expanded for good.
+    run = e2e.rollback(
+        "-e", "rollback_mode=restore", "-e", "rollback_accept_data_loss=true", log="rollback-restore-after-finished-contract"
+    )  # fmt: skip
+    record = e2e.run_record()
+    print(f"rollback restore of the run that finished the contract: {run.seconds:.0f}s, stages {stage_seconds(record)}")
+    assert record["converge"]["mode"] == "restore", record["converge"]
+    assert record["contract_pending"] is True, record.get("two_phase")
+    assert len(record["two_phase"]["deferred_pending"]) == 2 and record["two_phase"]["deferred_done"] == [], record["two_phase"]
+    assert e2e.sql(column("products", "category")) == "YES"
+    assert_back_on_v1(e2e)
+    run = e2e.migrate("v2", log="migrate-v2-finishes-contract-again")
+    record = e2e.run_record()
+    assert "finishes the contract run" in record["strategy_reason"], record.get("strategy_reason")
+    assert record["contract_pending"] is False and len(record["two_phase"]["deferred_done"]) == 2, record["two_phase"]
+    assert e2e.sql(column("products", "category")) == ""
+
     # The run owns the migrations of the run it finished: a rollback reverses them to v1's nodes.
     run = e2e.rollback(log="rollback-after-finished-contract")
     record = e2e.run_record()
