@@ -208,7 +208,7 @@ class Timeline:
         if action in ("include_tasks", "import_tasks", "include_role", "meta") and status == "ok":
             status = "skipped"  # an include or meta task is no work of its own: a stage of only those did nothing
         delegated = (res.get("_ansible_delegated_vars") or {}).get("ansible_host")
-        if delegated in ("localhost", "127.0.0.1") and host != "localhost" and status == "ok":
+        if delegated in ("localhost", "127.0.0.1") and host != "localhost" and status in ("ok", "changed"):
             status = "skipped"  # done on the controller for the play (a batches file, the run id): not this host's work
         entry = self.stage(stage_of(play))
         start, end = _seconds(data.get("start")), _seconds(data.get("end")) or when

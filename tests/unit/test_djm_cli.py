@@ -207,6 +207,16 @@ def migrate_stream(fail_at_migrate: bool, undo_finished: bool = True) -> Stream:
         s.result("app1", "Switch the current link", res={"changed": True}, seconds=10)
         s.play_start("Switch - one app host at a time behind HAProxy (rolling)", "app", uuid="switch")
         s.result("app2", "Switch the current link", res={"changed": True}, seconds=10)
+        # The maintenance strategy's switch play, which ends at once in a rolling run.
+        s.play_start("Switch - every app host at once behind the maintenance page", "app")
+        s.result(
+            "app1",
+            "Remove the batches file of the rolling play",
+            res={"changed": True, "_ansible_delegated_vars": {"ansible_host": "localhost"}},
+            action="file",
+        )
+        s.result("app1", "Skip the stage if the run failed", action="include_tasks")
+        s.result("app1", "Leave this to the maintenance strategy", action="meta")
         s.play_start("Finish - close the window, write the history, release the lock", "db[0]")
         record = {**record, "result": "succeeded", "serving": {"app1": "v2", "app2": "v2"}}
         s.record("db1", record)
@@ -426,6 +436,7 @@ def test_progress_shows_stages_batches_and_failures() -> None:
     assert "▸ prepare" in text and "strategy two_phase" in text
     assert "▸ maintenance" not in text  # nothing ran there
     assert "batch 1/2: app1 done" in text and "batch 2/2: app2" in text
+    assert "every app host at once" not in text  # a play of the stage that did nothing is not announced
 
     out = io.StringIO()
     progress = djm.Progress(Timeline(), stream=out, live=False)
