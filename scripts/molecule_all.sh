@@ -2,6 +2,7 @@
 # Run `molecule test` for every role that has a scenario, MOLECULE_JOBS at a time (scenarios use
 # role-prefixed instance names, so they can run side by side). Each role's output goes to
 # build/molecule/<role>.log; a failed role's log tail is printed. Exit non-zero if any failed.
+# prometheus_textfile's scenario runs a second time from the built collection (MOLECULE_COLLECTION_ROLES).
 set -uo pipefail
 jobs=${MOLECULE_JOBS:-2}
 cd "$(dirname "$0")/.."
@@ -10,7 +11,8 @@ mkdir -p build/molecule
 # that the jobs end together: by each role's last passing duration here (build/molecule/durations),
 # else by the figures below (measured, see README), else first (a new scenario: assume it is long).
 declare -A measured=([django_release]=1353 [django_service]=868 [pg_backup]=535 [python_runtime]=510
-                     [pg_restore]=453 [loadbalancer]=359 [deploy_run]=180 [postgresql]=135)
+                     [pg_restore]=453 [loadbalancer]=359 [deploy_run]=180 [postgresql]=135
+                     [prometheus_textfile]=90)
 touch build/molecule/durations
 for scenario in roles/*/molecule/default/molecule.yml; do
   role=${scenario#roles/}; role=${role%%/*}
@@ -26,6 +28,13 @@ run_one() {
   start=$(date +%s)
   (cd "roles/$role" && molecule test) >"$log" 2>&1
   rc=$?
+  # The roles of MOLECULE_COLLECTION_ROLES then run their scenario again with the role taken from the
+  # built and installed collection djm.fleet (scripts/molecule_collection.sh), into the same log.
+  if [ $rc -eq 0 ] && [[ " ${MOLECULE_COLLECTION_ROLES-prometheus_textfile} " == *" $role "* ]]; then
+    echo "=== molecule test: $role passed in $(( $(date +%s) - start ))s; now from the collection" >>"$log"
+    bash scripts/molecule_collection.sh "$role" >>"$log" 2>&1
+    rc=$?
+  fi
   echo "$role $rc $(( $(date +%s) - start ))" >>build/molecule/results
   # One line per run and role; the ordering above reads the last passing one.
   [ $rc -eq 0 ] && echo "$role $(( $(date +%s) - start ))" >>build/molecule/durations
