@@ -802,19 +802,29 @@ def age(stamp: str | None) -> str:
 
 
 def history_tail(project: str, count: int = 3) -> list[dict[str, Any]]:
-    """The controller's copy of the history (deploy_run finish.yml), last lines first."""
+    """The last `count` runs in the controller's copy of the history (deploy_run finish.yml), newest
+    first, each as its newest line says: a run undone later has a second line (result rolled_back),
+    which replaces the first."""
     import json
 
     path = REPO / "build" / "deploys" / project / "history.jsonl"
     if not project or not path.is_file():
         return []
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    records = []
-    for line in reversed(lines[-count:]):
+    records: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for line in reversed(lines):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
             continue
+        run_id = str(record.get("run_id", "")) if isinstance(record, dict) else ""
+        if not run_id or run_id in seen:
+            continue
+        seen.add(run_id)
+        records.append(record)
+        if len(records) == count:
+            break
     return records
 
 

@@ -1047,3 +1047,23 @@ def test_no_bar_and_nothing_extra_off_a_terminal(tmp_path: Path) -> None:
     progress.tick()
     assert out.getvalue() == plain.getvalue()
     assert "estimate" not in out.getvalue() and "\r" not in out.getvalue() and "#" not in out.getvalue()
+
+
+def test_status_history_shows_each_run_once_as_its_newest_line_says(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    history = tmp_path / "build" / "deploys" / "acme" / "history.jsonl"
+    history.parent.mkdir(parents=True)
+    lines = [
+        {"run_id": "r1", "playbook": "migrate", "result": "succeeded"},
+        {"run_id": "r2", "playbook": "migrate", "result": "succeeded"},
+        {"run_id": "r2", "playbook": "migrate", "result": "rolled_back"},  # rollback.yml undid r2 later
+        {"run_id": "r3", "playbook": "migrate", "result": "failed"},
+    ]
+    history.write_text("\n".join(json.dumps(line) for line in lines) + "\nnot json\n")
+    monkeypatch.setattr(djm, "REPO", tmp_path)
+    assert [(r["run_id"], r["result"]) for r in djm.history_tail("acme")] == [
+        ("r3", "failed"),
+        ("r2", "rolled_back"),
+        ("r1", "succeeded"),
+    ]
+    assert [r["run_id"] for r in djm.history_tail("acme", count=2)] == ["r3", "r2"]
+    assert djm.history_tail("other") == []
