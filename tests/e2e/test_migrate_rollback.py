@@ -231,7 +231,7 @@ def test_two_phase_failed_health_gate_switches_back_and_the_next_run_finishes_th
     with e2e.load("rollback-code") as load:
         run = e2e.rollback(log="rollback-code")
     record = e2e.run_record()
-    print(f"rollback code (3 app hosts): {run.seconds:.0f}s, load {load.summary['total']} requests,"
+    print(f"rollback code (3 app hosts): {run.seconds:.1f}s, load {load.summary['total']} requests,"
           f" failures {failures(load)}, stages {stage_seconds(record)}")  # fmt: skip
     assert record["converge"]["mode"] == "code" and record["contract_pending"] is True, record["converge"]
     assert failures(load) == {} and load.missing_orders == 0, (load.summary["failures_by_status"], load.verify_output)
