@@ -48,6 +48,10 @@ print(json.dumps({
     "staging": sorted(glob.glob("/opt/python*/.staging-*")),
     "build_dirs": sorted(glob.glob("/tmp/python-build-*") + glob.glob("/var/tmp/python-build-*")),
     "packages": {p: installed(p) for p in ("python3", "libssl-dev", "build-essential")},
+    "debug_info": (b".debug_info" in open(sys.argv[1], "rb").read())
+                  if os.path.isfile(sys.argv[1]) and not os.path.islink(sys.argv[1]) else None,
+    "static_libs": {p: os.stat(p).st_ino for p in glob.glob(
+        os.path.dirname(os.path.dirname(sys.argv[1])) + "/lib/**/libpython*.a", recursive=True)},
 }))
 """
 TEST_SUITE = f"{PREFIX}/lib/python3.11/test"
@@ -95,6 +99,16 @@ def test_interpreter_layout_matches_the_method(host):
     else:
         # The package method only links the packaged interpreter into the prefix.
         assert interpreter["link"] == "/usr/bin/python3.11"
+
+
+def test_source_build_is_stripped_and_stores_its_static_library_once(host):
+    """python_runtime_build_strip: no debug sections, one inode for altinstall's two copies."""
+    if not built_from_source(host):
+        pytest.skip("the package method installs no build")
+    state = snapshot(host)
+    assert state["debug_info"] is False
+    assert len(state["static_libs"]) >= 1, state["static_libs"]
+    assert len(set(state["static_libs"].values())) == 1, state["static_libs"]
 
 
 def test_system_python3_is_untouched(host):
