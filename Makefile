@@ -53,20 +53,26 @@ test-fleet: images ## End-to-end tests on the local SSH fleet
 test-root: images ## `molecule test` at the root: migrate.yml and rollback.yml under load on a multi-host fleet, testinfra on every host
 	molecule test
 
-test-e2e: images ## migrate.yml and rollback.yml end to end on one shared fleet, under load and on every failure path
-	pytest -q -s -p no:cacheprovider --durations=0 tests/e2e
+# E2E_WORKERS=2: two pytest-xdist workers, the second on a fleet of its own (made once the first has
+# deployed, so the controller's caches are filled by one deploy at a time); `make test` uses 2.
+E2E_WORKERS ?= 1
+test-e2e: images ## migrate.yml and rollback.yml end to end on one shared fleet (E2E_WORKERS=2: two fleets), under load and on every failure path
+	pytest -q -p no:cacheprovider --durations=0 $(if $(filter 1,$(E2E_WORKERS)),-s,-n $(E2E_WORKERS) --dist load -rA) tests/e2e
 
 # The end-to-end tests take over the fleet the root scenario leaves (idle on v1, with data): one
 # fleet for both, removed at the end whatever happened.
 ROOT_FLEET := $(or $(DJM_MOLECULE_FLEET),djmmol)
+# The root scenario has filled the caches by then: the end-to-end tests run on two fleets at once.
+TEST_E2E_WORKERS ?= 2
 test: setup ## Everything CI runs: set-up (idempotent), lint, unit, every Molecule scenario, the fleet and end-to-end tests
 	@t0=$$(date +%s); rc=0; \
 	for tier in test-fast test-molecule test-fleet test-root test-e2e; do \
 	  t=$$(date +%s); \
-	  DJM_MOLECULE_KEEP=1 DJM_E2E_FLEET=$(ROOT_FLEET) DJM_E2E_REUSE=1 $(MAKE) $$tier || rc=$$?; \
+	  DJM_MOLECULE_KEEP=1 DJM_E2E_FLEET=$(ROOT_FLEET) DJM_E2E_REUSE=1 E2E_WORKERS=$(TEST_E2E_WORKERS) $(MAKE) $$tier || rc=$$?; \
 	  echo "=== $$tier: $$(( $$(date +%s) - t ))s (exit $$rc)"; [ $$rc -eq 0 ] || break; \
 	done; \
 	$(PY) scripts/fleet.py down --name $(ROOT_FLEET) >/dev/null 2>&1 || true; \
+	$(PY) scripts/fleet.py down --name $(ROOT_FLEET)-gw1 >/dev/null 2>&1 || true; \
 	echo "=== make test: exit $$rc after $$(( $$(date +%s) - t0 ))s"; exit $$rc
 
 demo: setup ## The local fleet running the fixture app v1 with generated data, served through lb1 (127.0.0.1:8080)

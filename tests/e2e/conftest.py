@@ -13,6 +13,7 @@ tests share it. `DJM_E2E_KEEP=1` keeps the fleet afterwards.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shlex
@@ -35,12 +36,19 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import demo  # noqa: E402 - the demo's data loader, through the path set above
 
-FLEET = os.environ.get("DJM_E2E_FLEET", "djme2e")
+# Under pytest-xdist (`make test-e2e E2E_WORKERS=2`) the first worker takes DJM_E2E_FLEET and every
+# other worker makes a fleet of its own, named after it: the tests never share a fleet at once.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+FIRST_WORKER = WORKER in ("", "gw0")
+FLEET = os.environ.get("DJM_E2E_FLEET", "djme2e") + ("" if FIRST_WORKER else f"-{WORKER}")
 # Reuse the fleet FLEET as it is (serving v1 with data, idle) instead of making one: `make test` hands
 # the tests the fleet of the root Molecule scenario. It is removed afterwards all the same.
-REUSE = os.environ.get("DJM_E2E_REUSE") == "1"
+REUSE = os.environ.get("DJM_E2E_REUSE") == "1" and FIRST_WORKER
 INVENTORY = REPO / "inventories" / "local" / f"{FLEET}-hosts.yml"
-LOGS = REPO / "build" / "e2e"
+LOGS = REPO / "build" / "e2e" / ("" if FIRST_WORKER else FLEET)
+# Held while a worker builds the releases and, for a new fleet, deploys v1: the controller's caches
+# (wheelhouses, the CPython build) are filled by one deploy at a time, never written by two at once.
+SETUP_LOCK = REPO / "build" / "e2e" / ".setup.lock"
 PYTHON_VERSION = "3.11.2"
 ENV = {
     **os.environ,
@@ -267,13 +275,16 @@ def e2e() -> Iterator[E2E]:
         pytest.fail("the end-to-end tests need root and podman: run `make setup`")
     started = time.monotonic()
     state = REPO / ".fleet" / FLEET / "state.json"
+    SETUP_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    setup_lock = SETUP_LOCK.open("w")
+    fcntl.flock(setup_lock, fcntl.LOCK_EX)
     if REUSE:
         # `make test`: the fleet the root Molecule scenario left (DJM_MOLECULE_KEEP=1), v1 with its data.
         if not state.is_file():
             pytest.fail(f"DJM_E2E_REUSE=1: no fleet {FLEET} to reuse ({state} is missing)")
         port = int(json.loads(state.read_text())["http_port"])
     else:
-        port = int(os.environ.get("DJM_E2E_HTTP_PORT") or free_port())
+        port = int((os.environ.get("DJM_E2E_HTTP_PORT") if FIRST_WORKER else None) or free_port())
         sh([sys.executable, "scripts/fleet.py", "images"])
         # Always a new fleet: one left by an interrupted session holds that session's releases and runs.
         sh([sys.executable, "scripts/fleet.py", "down", "--name", FLEET], check=False)
@@ -300,8 +311,10 @@ def e2e() -> Iterator[E2E]:
             t = time.monotonic()
             demo.fill_database(FLEET, INVENTORY, "3MB")
             timings["data"] = time.monotonic() - t
+        fcntl.flock(setup_lock, fcntl.LOCK_UN)
         yield fleet
     finally:
-        print("\ne2e timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+        setup_lock.close()
+        print(f"\ne2e timings ({FLEET}): " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
         if not os.environ.get("DJM_E2E_KEEP"):
             sh([sys.executable, "scripts/fleet.py", "down", "--name", FLEET], check=False)
