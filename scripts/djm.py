@@ -218,8 +218,10 @@ class Progress:
     restore and its check, the wheelhouse) shows a bar of its elapsed time against an estimate: the
     same step in the newest earlier report of the project (scaled by the database's size for the
     backup steps when both sizes are known), labelled as such; without one, the elapsed time alone.
-    Ansible reports nothing while a task runs, so there are no bytes written to show: the database's
-    size and the dump's expected size (pg_backup's preflight) are shown beside, as what they are."""
+    Ansible reports nothing while a task runs, except the polls of an until loop (runner_retry
+    events): pg_backup watches its dump with one, so the backup's bar is the bytes written so far
+    against the dump's expected size (pg_backup's preflight estimate), or against the database's size
+    when there is no estimate (labelled: a compressed dump is smaller), once the first poll says."""
 
     def __init__(
         self,
@@ -291,6 +293,18 @@ class Progress:
         hosts = [s["host"] for s in self.steps.values() if s["step"] == first["step"]]
         took = now - first["started"]
         text = f"{first['step']:<12} {hosts[0] if len(hosts) == 1 else f'{len(hosts)} hosts'}  "
+        written = first.get("bytes")
+        size, dump = self.timeline.db_size_bytes, self.timeline.estimated_dump_bytes
+        whole = dump or size
+        if written is not None and whole:
+            share = written / whole
+            filled = round(min(1.0, share) * 20)
+            text += f"[{'#' * filled}{'.' * (20 - filled)}] {djm_report.mib(written)} of ~{djm_report.mib(whole)}"
+            text += f" ({share:.0%}{', over the estimate' if share > 1 else ''})  {took:.0f}s  "
+            if dump:
+                text += "expected dump: pg_backup's preflight estimate"
+                return text + (f"; database {djm_report.mib(size)}" if size else "")
+            return text + "of the database's size: a compressed dump is smaller"
         guess = first["estimate"]
         if guess:
             share = min(1.0, took / guess["seconds"]) if guess["seconds"] > 0 else 1.0
@@ -299,9 +313,10 @@ class Progress:
             text += (" (over the estimate)" if took > guess["seconds"] else "") + f"  {guess['label']}"
         else:
             text += f"{took:.0f}s (no earlier run of this step to estimate from)"
-        size, dump = self.timeline.db_size_bytes, self.timeline.estimated_dump_bytes
         if first["step"] in djm_report.SIZED_STEPS and size:
             text += f"; database {djm_report.mib(size)}" + (f", dump ~{djm_report.mib(dump)}" if dump else "")
+        if written is not None:
+            text += f"; {djm_report.mib(written)} written"
         return text
 
     def event(self, event: dict[str, Any]) -> None:
@@ -309,6 +324,12 @@ class Progress:
         data = event.get("event_data") or {}
         if kind == "runner_on_start":
             self.step_started(str(data.get("host") or "?"), str(data.get("task") or ""))
+        elif kind == "runner_retry" and self.steps:
+            step = self.steps.get((str(data.get("host") or "?"), str(data.get("task") or "")))
+            res = data.get("res") if isinstance(data.get("res"), dict) else {}
+            written = djm_report.bytes_written(res) if step else None
+            if step is not None and written is not None:
+                step["bytes"] = written
         elif kind in djm_report.RESULT_EVENTS and self.steps:
             self.steps.pop((str(data.get("host") or "?"), str(data.get("task") or "")), None)
             if not self.steps:

@@ -115,6 +115,22 @@ def long_step(task: str) -> str:
     return ""
 
 
+def bytes_written(res: dict[str, Any]) -> int | None:
+    """The bytes a running dump has written, from one poll of pg_backup's watch (a runner_retry event's
+    result: `pg_snapshot_backup.py progress` prints {"bytes_written": N, ...}); None when that poll has no
+    such figure (the reader failed, printed something else)."""
+    if res.get("rc") != 0 or not isinstance(res.get("stdout"), str):
+        return None
+    try:
+        polled = json.loads(res["stdout"])
+    except ValueError:
+        return None
+    written = polled.get("bytes_written") if isinstance(polled, dict) else None
+    if isinstance(written, bool) or not isinstance(written, int) or written < 0:
+        return None
+    return written
+
+
 RESULT_EVENTS = {
     "runner_on_ok": "ok",
     "runner_on_failed": "failed",

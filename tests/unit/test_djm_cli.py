@@ -901,7 +901,7 @@ def test_djm_report_adds_a_load_check_afterwards(capsys: pytest.CaptureFixture[s
 
 
 # ------------------------------------------------------------------------------------------ long steps
-DUMP_TASK = f"Take a snapshot-consistent pg_dump as backup pre-v2-{RUN}"
+DUMP_TASK = f"Take a snapshot-consistent pg_dump, watching the bytes written until it ends, as backup pre-v2-{RUN}"
 PREFLIGHT = {"ok": True, "state": "absent", "db_size_bytes": 1000 * 2**20, "estimated_dump_bytes": 300 * 2**20}
 
 
@@ -1047,6 +1047,100 @@ def test_no_bar_and_nothing_extra_off_a_terminal(tmp_path: Path) -> None:
     progress.tick()
     assert out.getvalue() == plain.getvalue()
     assert "estimate" not in out.getvalue() and "\r" not in out.getvalue() and "#" not in out.getvalue()
+
+
+def retry(host: str, task: str, stdout: str, rc: int = 0, attempts: int = 1) -> dict[str, Any]:
+    """A runner_retry event: one poll of an until loop that has not ended (the result of that attempt)."""
+    res = {"rc": rc, "stdout": stdout, "attempts": attempts, "retries": 100, "changed": False}
+    return {"event": "runner_retry", "event_data": {"host": host, "task": task, "res": res}}
+
+
+def polled(written: int, done: bool = False) -> str:
+    """What pg_snapshot_backup.py progress prints."""
+    return json.dumps({"changed": False, "id": "x", "bytes_written": written, "files": 3, "where": "partial", "finished": done})
+
+
+def test_bytes_written_are_read_from_the_progress_programs_output_and_nothing_else() -> None:
+    assert djm_report.bytes_written({"rc": 0, "stdout": polled(150 * 2**20)}) == 150 * 2**20
+    assert djm_report.bytes_written({"rc": 0, "stdout": polled(0)}) == 0
+    assert djm_report.bytes_written({"rc": 1, "stdout": polled(5)}) is None  # the reader failed: no figure
+    assert djm_report.bytes_written({"rc": 0, "stdout": "Traceback (most recent call last):"}) is None
+    assert djm_report.bytes_written({"rc": 0, "stdout": "[1, 2]"}) is None
+    assert djm_report.bytes_written({"rc": 0, "stdout": json.dumps({"bytes_written": True})}) is None
+    assert djm_report.bytes_written({"rc": 0, "stdout": json.dumps({"bytes_written": -3})}) is None
+    assert djm_report.bytes_written({"rc": 0, "stdout": json.dumps({"bytes_written": "12"})}) is None
+    assert djm_report.bytes_written({"rc": 0}) is None
+    assert djm_report.bytes_written({}) is None
+
+
+def test_a_dump_shows_its_bytes_against_the_preflights_dump_estimate(tmp_path: Path, wide_terminal: None) -> None:
+    (tmp_path / "acme").mkdir()
+    steps = [{"step": "backup", "host": "db1", "seconds": 100.0, "status": "changed", "db_size_bytes": 500 * 2**20}]
+    (tmp_path / "acme" / "earlier.json").write_text(json.dumps({"run_id": "earlier", "long_steps": steps}))
+    clock = Clock()
+    progress, out = progress_of(backup_stream(), tmp_path, live=True, clock=clock)
+    clock.now += 30
+    progress.event(retry("db1", DUMP_TASK, polled(150 * 2**20)))
+    shown = out.getvalue().rsplit("\r\033[K", 1)[-1]
+    # Bytes replace the time estimate: the preflight's expected dump is the whole, the database beside it.
+    assert shown == (
+        "    30s  backup       db1  [##########..........] 150 MiB of ~300 MiB (50%)  30s  "
+        "expected dump: pg_backup's preflight estimate; database 1000 MiB"
+    )
+    clock.now += 30
+    progress.event(retry("db1", DUMP_TASK, polled(450 * 2**20), attempts=2))
+    shown = out.getvalue().rsplit("\r\033[K", 1)[-1]
+    assert "[####################] 450 MiB of ~300 MiB (150%, over the estimate)  60s" in shown
+    # A poll whose reader failed or printed no figure keeps the last figure seen, and fails nothing.
+    progress.event(retry("db1", DUMP_TASK, "Traceback", rc=1, attempts=3))
+    assert "450 MiB of ~300 MiB" in out.getvalue().rsplit("\r\033[K", 1)[-1]
+    # Another host's or another task's retries are not this dump's.
+    progress.event(retry("db2", DUMP_TASK, polled(9 * 2**20)))
+    progress.event(retry("db1", "Wait for the port", polled(9 * 2**20)))
+    assert progress.steps[("db1", DUMP_TASK)]["bytes"] == 450 * 2**20 and ("db2", DUMP_TASK) not in progress.steps
+    progress.event(backup_stream().events[-1])  # the watch's result: the step is over
+    assert progress.steps == {}
+    before = out.getvalue()
+    progress.event(retry("db1", DUMP_TASK, polled(10)))  # late: nothing drawn again
+    clock.now += 5
+    progress.tick()
+    assert out.getvalue() == before
+
+
+def test_a_dump_without_a_dump_estimate_is_measured_against_the_database_and_says_so(tmp_path: Path, wide_terminal: None) -> None:
+    clock = Clock()
+    progress, out = progress_of(backup_stream(), tmp_path, live=True, clock=clock)
+    progress.timeline.estimated_dump_bytes = None
+    clock.now += 12
+    progress.event(retry("db1", DUMP_TASK, polled(100 * 2**20)))
+    shown = out.getvalue().rsplit("\r\033[K", 1)[-1]
+    assert shown == (
+        "    12s  backup       db1  [##..................] 100 MiB of ~1000 MiB (10%)  12s  "
+        "of the database's size: a compressed dump is smaller"
+    )
+    progress.timeline.db_size_bytes = None  # no size at all: the bytes, beside the time
+    clock.now += 1
+    progress.tick()
+    shown = out.getvalue().rsplit("\r\033[K", 1)[-1]
+    assert shown == "    13s  backup       db1  13s (no earlier run of this step to estimate from); 100 MiB written"
+
+
+def test_retries_print_nothing_off_a_terminal(tmp_path: Path) -> None:
+    clock = Clock()
+    _, plain = progress_of(backup_stream(), tmp_path, live=False, clock=clock)
+    progress, out = progress_of(backup_stream(), tmp_path, live=False, clock=clock)
+    clock.now += 50
+    progress.event(retry("db1", DUMP_TASK, polled(150 * 2**20)))
+    assert out.getvalue() == plain.getvalue()
+
+
+def test_a_dump_watch_is_one_long_step_and_its_retries_are_no_results(tmp_path: Path) -> None:
+    stream = backup_stream(dump_seconds=60.0)
+    stream.events[-1:-1] = [retry("db1", DUMP_TASK, polled(n)) for n in (0, 10, 20)]
+    timeline = timeline_of(stream)
+    assert [s["step"] for s in timeline.long_steps] == ["backup"] and timeline.long_steps[0]["seconds"] == 60.0
+    assert timeline.stages[-1]["hosts"]["db1"]["ok"] + timeline.stages[-1]["hosts"]["db1"]["changed"] == 2
+    assert timeline.errors == []
 
 
 def test_status_history_shows_each_run_once_as_its_newest_line_says(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

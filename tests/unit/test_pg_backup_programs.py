@@ -381,3 +381,46 @@ def test_restore_refuses_a_corrupted_backup_and_touches_nothing(pg_cluster: Any,
     assert scalar(admin, "SELECT array_agg(datname ORDER BY datname) FROM pg_database") == databases
     shutil.rmtree(copy)
     assert os.path.isdir(backup_dir / "rel-2")
+
+
+# ------------------------------------------------------------------------------------------------ progress (read only)
+
+
+def job_file(tmp_path: Path, content: str | None) -> str:
+    """An ansible async job file as async_wrapper writes it (None: not there)."""
+    path = tmp_path / "j1.42"
+    if content is not None:
+        path.write_text(content)
+    return str(path)
+
+
+def test_progress_counts_the_bytes_of_the_partial_dump_while_the_job_runs(tmp_path: Path) -> None:
+    dump = tmp_path / "rel-9.partial" / "dump"
+    dump.mkdir(parents=True)
+    (dump / "toc.dat").write_bytes(b"x" * 1000)
+    (dump / "3001.dat.gz").write_bytes(b"y" * 4096)
+    (dump / "link").symlink_to(dump / "toc.dat")  # not a file of the dump: not counted twice
+    running = job_file(tmp_path, json.dumps({"started": True, "finished": False, "ansible_job_id": "j1.42"}))
+    result = run(BACKUP_PROGRAM, "progress", "--backup-dir", str(tmp_path), "--id", "rel-9", "--job-file", running)
+    assert result == {"changed": False, "id": "rel-9", "bytes_written": 5096, "files": 2, "where": "partial", "finished": False}
+    # ansible-core before 2.19 wrote 1/0
+    assert psb.job_finished(job_file(tmp_path, json.dumps({"started": 1, "finished": 0}))) is False
+
+
+def test_progress_says_finished_on_the_modules_result_and_on_a_missing_or_unreadable_job_file(tmp_path: Path) -> None:
+    # The module's result replaces the job file when the dump ends, whether it succeeded or failed.
+    assert psb.job_finished(job_file(tmp_path, json.dumps({"rc": 1, "stdout": "{}", "failed": True}))) is True
+    assert psb.job_finished(job_file(tmp_path, json.dumps({"msg": "Timeout exceeded", "failed": True}))) is True
+    # Nothing to watch: the watch stops and async_status, which reads the same file, says why.
+    assert psb.job_finished(str(tmp_path / "missing")) is True
+    assert psb.job_finished(job_file(tmp_path, "{not json")) is True
+    (tmp_path / "rel-9").mkdir()
+    result = run(BACKUP_PROGRAM, "progress", "--backup-dir", str(tmp_path), "--id", "rel-9", "--job-file", str(tmp_path / "x"))
+    # <id>/ without a manifest is not a finished backup, and there is no partial: nothing written
+    assert result == {"changed": False, "id": "rel-9", "bytes_written": 0, "files": 0, "where": "absent", "finished": True}
+    (tmp_path / "rel-9" / "dump").mkdir()
+    (tmp_path / "rel-9" / "dump" / "toc.dat").write_bytes(b"z" * 300)
+    (tmp_path / "rel-9" / "manifest.json").write_text("{}")
+    result = run(BACKUP_PROGRAM, "progress", "--backup-dir", str(tmp_path), "--id", "rel-9")
+    assert (result["bytes_written"], result["where"], result["finished"]) == (300, "complete", False)
+    run(BACKUP_PROGRAM, "progress", "--backup-dir", str(tmp_path), "--id", "../x", expect=1)  # ids are still checked

@@ -13,6 +13,8 @@ Commands (each prints one JSON document on stdout):
                equal the manifest's; records verified.json next to the manifest
     retention  delete old verified backups (keep the last N, those younger than D days, the newest,
                and the one an in-progress migration marker names)
+    progress   the bytes a running backup has written so far (in <id>.partial/), and whether the
+               background job running it (ansible's async job file) has finished; reads only
 
 Layout of a backup directory:
     <backup-dir>/<id>/manifest.json     what was dumped: versions, times, sizes, sha256 of every file,
@@ -30,6 +32,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -551,6 +554,50 @@ def cmd_retention(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# progress
+
+
+def tree_bytes(root: Path) -> tuple[int, int]:
+    """(bytes, files) of the regular files under root; files that vanish while counted (pg_dump's own
+    temporary files, the rename to <id>/) are skipped. (0, 0) when root does not exist."""
+    total = files = 0
+    for base, _dirs, names in os.walk(root):
+        for name in names:
+            try:
+                st = os.lstat(os.path.join(base, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+                files += 1
+    return total, files
+
+
+def job_finished(job_file: str) -> bool:
+    """Whether ansible's async job (async_wrapper's job file, written whole by a rename) has finished: the
+    file says {"started": true, "finished": false} while the job runs and holds the module's result after.
+    A missing or unreadable file counts as finished, so the watch stops and async_status reports it."""
+    try:
+        data = json.loads(Path(job_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    return not (isinstance(data, dict) and data.get("started") and not data.get("finished"))
+
+
+def cmd_progress(args: argparse.Namespace) -> dict[str, Any]:
+    backup_dir = Path(args.backup_dir)
+    backup_id = check_id(args.id)
+    partial = backup_dir / (backup_id + PARTIAL_SUFFIX)
+    finished = job_finished(args.job_file) if args.job_file else False
+    written, files = tree_bytes(partial / DUMP_DIR)
+    where = "partial" if partial.is_dir() else "absent"
+    if not partial.is_dir() and (backup_dir / backup_id / MANIFEST).is_file():
+        written, files = tree_bytes(backup_dir / backup_id / DUMP_DIR)  # renamed: the dump is whole
+        where = "complete"
+    return {"changed": False, "id": backup_id, "bytes_written": written, "files": files, "where": where, "finished": finished}
+
+
+# --------------------------------------------------------------------------------------------------------------
 # CLI
 
 
@@ -590,6 +637,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ret.add_argument("--keep-days", type=float, default=0.0)
     ret.add_argument("--marker", default="", help="in-progress migration marker file naming a backup id to keep")
     ret.add_argument("--dry-run", action="store_true", help="report what would be deleted; delete nothing")
+
+    pro = sub.add_parser("progress", help="bytes written so far by a running backup; reads only")
+    common(pro, database=False)
+    pro.add_argument("--id", required=True)
+    pro.add_argument("--job-file", default="", help="ansible's async job file of the backup: says whether it finished")
     return parser.parse_args(argv)
 
 
@@ -597,6 +649,7 @@ COMMANDS = {
     "backup": cmd_backup,
     "verify": cmd_verify,
     "retention": cmd_retention,
+    "progress": cmd_progress,
 }
 
 

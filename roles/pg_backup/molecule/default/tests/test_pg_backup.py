@@ -121,6 +121,15 @@ def test_check_mode_run_wrote_nothing(host: Any) -> None:
     assert not host.file(f"{BACKUPS}/rel-check.partial").exists
 
 
+def test_a_failed_dump_left_no_backup_no_partial_and_no_async_job_file(host: Any) -> None:
+    assert not host.file(f"{BACKUPS}/rel-dumpfail").exists
+    assert not host.file(f"{BACKUPS}/rel-dumpfail.partial").exists
+    # Every dump of prepare, converge, idempotence and the side effect ran as an async job of the
+    # postgres user: each one's status file was removed once its result was read, the failed one too.
+    assert host.file("/var/lib/postgresql/.ansible_async").is_directory
+    assert host.check_output("find /var/lib/postgresql/.ansible_async -mindepth 1 -printf '%f\\n'") == ""
+
+
 def test_corrupted_backup_stayed_unverified(host: Any) -> None:
     assert host.file(f"{BACKUPS}/rel-bad/manifest.json").exists
     assert not host.file(f"{BACKUPS}/rel-bad/verified.json").exists
