@@ -997,12 +997,18 @@ def wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(djm.shutil, "get_terminal_size", lambda *_a: os.terminal_size((200, 50)))
 
 
-def test_a_long_step_shows_a_bar_against_the_earlier_run_on_a_terminal(tmp_path: Path, wide_terminal: None) -> None:
+def progress_after_an_earlier_backup(tmp_path: Path) -> tuple[Any, Any, Any]:
+    """A live progress display whose project has an earlier report: a 100 s backup of 500 MiB."""
     (tmp_path / "acme").mkdir()
     steps = [{"step": "backup", "host": "db1", "seconds": 100.0, "status": "changed", "db_size_bytes": 500 * 2**20}]
     (tmp_path / "acme" / "earlier.json").write_text(json.dumps({"run_id": "earlier", "long_steps": steps}))
     clock = Clock()
     progress, out = progress_of(backup_stream(), tmp_path, live=True, clock=clock)
+    return progress, out, clock
+
+
+def test_a_long_step_shows_a_bar_against_the_earlier_run_on_a_terminal(tmp_path: Path, wide_terminal: None) -> None:
+    progress, out, clock = progress_after_an_earlier_backup(tmp_path)
     clock.now += 50
     progress.tick()  # the runner's cancel_callback, while ansible is silent
     shown = out.getvalue().rsplit("\r\033[K", 1)[-1]
@@ -1017,8 +1023,15 @@ def test_a_long_step_shows_a_bar_against_the_earlier_run_on_a_terminal(tmp_path:
     progress.tick()
     assert "[####################] 300s of ~200s (over the estimate)" in out.getvalue().rsplit("\r\033[K", 1)[-1]
     progress.event(backup_stream().events[-1])  # the dump's result: the step is over
+    assert_nothing_drawn_after_the_step(progress, out, clock)
+
+
+def assert_nothing_drawn_after_the_step(progress: Any, out: Any, clock: Any, late: dict[str, Any] | None = None) -> None:
+    """The step's result ended it: no step left, and neither a late event nor a tick draws again."""
     assert progress.steps == {}
     before = out.getvalue()
+    if late is not None:
+        progress.event(late)
     clock.now += 5
     progress.tick()
     assert out.getvalue() == before
@@ -1073,23 +1086,22 @@ def test_bytes_written_are_read_from_the_progress_programs_output_and_nothing_el
     assert djm_report.bytes_written({}) is None
 
 
+def dump_polled(progress: Any, out: Any, clock: Any, seconds: int, written: int, attempts: int = 1) -> str:
+    """`seconds` later, db1's dump watch reports `written` bytes: the line shown then."""
+    clock.now += seconds
+    progress.event(retry("db1", DUMP_TASK, polled(written), attempts=attempts))
+    return str(out.getvalue().rsplit("\r\033[K", 1)[-1])
+
+
 def test_a_dump_shows_its_bytes_against_the_preflights_dump_estimate(tmp_path: Path, wide_terminal: None) -> None:
-    (tmp_path / "acme").mkdir()
-    steps = [{"step": "backup", "host": "db1", "seconds": 100.0, "status": "changed", "db_size_bytes": 500 * 2**20}]
-    (tmp_path / "acme" / "earlier.json").write_text(json.dumps({"run_id": "earlier", "long_steps": steps}))
-    clock = Clock()
-    progress, out = progress_of(backup_stream(), tmp_path, live=True, clock=clock)
-    clock.now += 30
-    progress.event(retry("db1", DUMP_TASK, polled(150 * 2**20)))
-    shown = out.getvalue().rsplit("\r\033[K", 1)[-1]
+    progress, out, clock = progress_after_an_earlier_backup(tmp_path)
+    shown = dump_polled(progress, out, clock, 30, 150 * 2**20)
     # Bytes replace the time estimate: the preflight's expected dump is the whole, the database beside it.
     assert shown == (
         "    30s  backup       db1  [##########..........] 150 MiB of ~300 MiB (50%)  30s  "
         "expected dump: pg_backup's preflight estimate; database 1000 MiB"
     )
-    clock.now += 30
-    progress.event(retry("db1", DUMP_TASK, polled(450 * 2**20), attempts=2))
-    shown = out.getvalue().rsplit("\r\033[K", 1)[-1]
+    shown = dump_polled(progress, out, clock, 30, 450 * 2**20, attempts=2)
     assert "[####################] 450 MiB of ~300 MiB (150%, over the estimate)  60s" in shown
     # A poll whose reader failed or printed no figure keeps the last figure seen, and fails nothing.
     progress.event(retry("db1", DUMP_TASK, "Traceback", rc=1, attempts=3))
@@ -1099,21 +1111,14 @@ def test_a_dump_shows_its_bytes_against_the_preflights_dump_estimate(tmp_path: P
     progress.event(retry("db1", "Wait for the port", polled(9 * 2**20)))
     assert progress.steps[("db1", DUMP_TASK)]["bytes"] == 450 * 2**20 and ("db2", DUMP_TASK) not in progress.steps
     progress.event(backup_stream().events[-1])  # the watch's result: the step is over
-    assert progress.steps == {}
-    before = out.getvalue()
-    progress.event(retry("db1", DUMP_TASK, polled(10)))  # late: nothing drawn again
-    clock.now += 5
-    progress.tick()
-    assert out.getvalue() == before
+    assert_nothing_drawn_after_the_step(progress, out, clock, late=retry("db1", DUMP_TASK, polled(10)))
 
 
 def test_a_dump_without_a_dump_estimate_is_measured_against_the_database_and_says_so(tmp_path: Path, wide_terminal: None) -> None:
     clock = Clock()
     progress, out = progress_of(backup_stream(), tmp_path, live=True, clock=clock)
     progress.timeline.estimated_dump_bytes = None
-    clock.now += 12
-    progress.event(retry("db1", DUMP_TASK, polled(100 * 2**20)))
-    shown = out.getvalue().rsplit("\r\033[K", 1)[-1]
+    shown = dump_polled(progress, out, clock, 12, 100 * 2**20)
     assert shown == (
         "    12s  backup       db1  [##..................] 100 MiB of ~1000 MiB (10%)  12s  "
         "of the database's size: a compressed dump is smaller"
