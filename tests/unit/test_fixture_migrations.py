@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import collections
+import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psycopg
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -177,3 +179,59 @@ def test_old_code_on_the_migrated_database(pg_cluster: h.Cluster, generated: str
         request = urllib.request.Request(base + "/smoke/checkout?dry_run=1", data=b"", method="POST")  # noqa: S310 - local
         with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - local test server
             assert response.status == 200
+
+
+def _wait_for_lock_wait(dsn: str, other_than: int, timeout: float = 60.0) -> None:
+    """Until a backend of this database other than `other_than` waits for a heavyweight lock."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        (waiting,) = h.query(
+            dsn,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> %s"
+            " AND pid <> pg_backend_pid() AND wait_event_type = 'Lock'",
+            [other_than],
+        )[0]
+        if waiting:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the migration never waited for a lock")
+
+
+def test_a_checkout_holding_a_product_is_never_a_deadlock_victim_of_the_category_normalization(
+    pg_cluster: h.Cluster, generated: str
+) -> None:
+    """The live checkout (both releases) locks its products FOR UPDATE, then updates their inventory.
+
+    A data migration of the catalog that took a table lock weaker than EXCLUSIVE (SHARE ROW
+    EXCLUSIVE lets FOR UPDATE holders in) would be granted while a checkout holds a product, then
+    wait for that row while the checkout waits for the table: a deadlock whose victim, after
+    deadlock_timeout, is whichever waited first, the checkout here (a 500 during expand, seen in
+    the root scenario). Both must go through: the migration waits, the checkout commits.
+    """
+    dsn, env = copy_of(pg_cluster, generated, "acme_mig_deadlock")
+    h.must(h.manage("v2", env, "migrate", "--noinput", "catalog", "0002_category"))  # its ALTERs take ACCESS EXCLUSIVE
+    (product_id,) = h.query(dsn, "SELECT min(id) FROM products")[0]
+    with psycopg.connect(dsn) as checkout:
+        checkout.execute("SET statement_timeout = '20s'")
+        checkout_pid = checkout.info.backend_pid
+        checkout.execute("SELECT id FROM products WHERE id = %s FOR UPDATE", [product_id])
+        migrate = subprocess.Popen(
+            [str(h.venv_python("v2")), "manage.py", "migrate", "--noinput", "catalog", "0003_normalize_categories"],
+            cwd=h.release_dir("v2"),
+            env=dict(env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            _wait_for_lock_wait(dsn, other_than=checkout_pid)
+            time.sleep(1.5)  # past the migration's own deadlock check (deadlock_timeout 1 s)
+            checkout.execute("UPDATE products SET inventory = inventory - 1 WHERE id = %s", [product_id])
+            checkout.commit()
+            out, err = migrate.communicate(timeout=300)
+        finally:
+            if migrate.poll() is None:
+                migrate.kill()
+                migrate.wait()
+    assert migrate.returncode == 0, out + err
+    assert ("catalog", "0003_normalize_categories") in h.applied_migrations(dsn)

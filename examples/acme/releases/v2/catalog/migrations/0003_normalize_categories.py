@@ -1,6 +1,8 @@
 """Normalized categories, step 2: load Category from the v1 strings and link every product.
 
-Forward, in one transaction with products locked against writes:
+Forward, in one transaction with products locked against writes (EXCLUSIVE: reads go on; a
+weaker lock such as SHARE ROW EXCLUSIVE lets a live checkout hold a product FOR UPDATE, and
+the two deadlock when the UPDATE below reaches that row while the checkout waits to write):
   1. count the products per distinct v1 string;
   2. map each string to a key (case/whitespace-insensitive, catalog.normalize) and
      create one Category per key;
@@ -32,7 +34,7 @@ def normalize(apps, schema_editor):
     db = schema_editor.connection.alias
     category_model = apps.get_model("catalog", "Category")
     with schema_editor.connection.cursor() as cursor:
-        cursor.execute("LOCK TABLE products IN SHARE ROW EXCLUSIVE MODE")
+        cursor.execute("LOCK TABLE products IN EXCLUSIVE MODE")
         raw_counts = dict(_fetch(cursor, "SELECT category, count(*) FROM products GROUP BY category"))
         key_of, categories = plan(raw_counts)
         created = category_model.objects.using(db).bulk_create(

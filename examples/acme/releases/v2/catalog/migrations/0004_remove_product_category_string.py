@@ -11,7 +11,7 @@ from django.db import migrations, models
 
 def restore_category_strings(apps, schema_editor):
     with schema_editor.connection.cursor() as cursor:
-        cursor.execute("LOCK TABLE products IN SHARE ROW EXCLUSIVE MODE")
+        cursor.execute("LOCK TABLE products IN EXCLUSIVE MODE")  # as 0003: no FOR UPDATE holder inside
         cursor.execute(
             "UPDATE products AS p SET category = l.raw_value"
             " FROM catalog_legacy_product_categories AS l WHERE l.product_id = p.id"
