@@ -253,7 +253,7 @@ def test_fixture_v1_from_an_empty_database_on_django_32(pg_cluster: h.Cluster) -
 # Generated projects: one app per case, on Django 3.2, 4.2 and 5.2
 # --------------------------------------------------------------------------------------------
 
-APPS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet")
+APPS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo")
 SETTINGS = """\
 import os
 
@@ -339,6 +339,7 @@ def applied_migrations() -> dict[str, str]:
         "hotel/0001_initial": initial(f'name="Seat", fields=[{ID}]'),
         "india/0001_initial": initial(f'name="Row", fields=[{ID}, ("body", models.TextField())]'),
         "juliet/0001_initial": initial(f'name="Log", fields=[{ID}, ("at", models.IntegerField())]'),
+        "kilo/0001_initial": initial(f'name="Stock", fields=[{ID}, ("qty", models.IntegerField())]'),
     }
 
 
@@ -451,6 +452,27 @@ def pending_migrations(version: tuple[int, int]) -> dict[str, str]:
                 ' reverse_sql="DROP INDEX CONCURRENTLY juliet_log_at_idx")'
             ],
             atomic=False,
+        ),
+        "kilo/0002_locked_backfills": migration_source(
+            [("kilo", "0001_initial")],
+            [
+                "migrations.RunPython(weak, migrations.RunPython.noop)",
+                "migrations.RunPython(strong, migrations.RunPython.noop)",
+                'migrations.RunSQL("LOCK TABLE kilo_stock IN SHARE MODE; UPDATE kilo_stock SET qty = qty",'
+                " reverse_sql=migrations.RunSQL.noop)",
+            ],
+            """
+            def weak(apps, schema_editor):
+                with schema_editor.connection.cursor() as cursor:
+                    cursor.execute("LOCK TABLE kilo_stock IN SHARE ROW EXCLUSIVE MODE")
+                    cursor.execute("UPDATE kilo_stock SET qty = qty + 1")
+
+
+            def strong(apps, schema_editor):
+                with schema_editor.connection.cursor() as cursor:
+                    cursor.execute("LOCK TABLE kilo_stock IN EXCLUSIVE MODE")
+                    cursor.execute("UPDATE kilo_stock SET qty = qty + 1")
+            """,
         ),
         "hotel/0003_seat_ticket": migration_source(
             [("hotel", "0002_seat_label"), ("golf", "0003_ticket_note")],
@@ -672,6 +694,20 @@ def test_synthetic_non_atomic_data_migration_needs_maintenance(synthetic: Synthe
 
 
 @pytest.mark.slow
+def test_synthetic_data_migration_locking_in_a_mode_that_admits_row_lockers_is_warned_about(synthetic: Synthetic) -> None:
+    """SHARE / SHARE ROW EXCLUSIVE, in RunPython's source or in RunSQL: a live request can be a deadlock's victim."""
+    doc = synthetic.doc("--targets", "kilo")
+    ops = migration(doc, "kilo.0002_locked_backfills")["operations"]
+    assert [o["class"] for o in ops] == ["expand", "expand", "expand"]
+    assert "kilo_stock IN SHARE ROW EXCLUSIVE MODE" in ops[0]["lock_warning"]
+    assert ops[1]["lock_warning"] is None  # EXCLUSIVE: the row holders finish first
+    assert "kilo_stock IN SHARE MODE" in ops[2]["lock_warning"]
+    warned = [w for w in doc["warnings"] if "admits the old code's SELECT ... FOR UPDATE" in w]
+    assert [w.split(":")[0] for w in warned] == [f"kilo.0002_locked_backfills #{i}" for i in ("0 RunPython", "2 RunSQL")]
+    assert doc["verdict"] == "rolling", doc["verdict_reasons"]
+
+
+@pytest.mark.slow
 def test_synthetic_contract_migration_blocks_later_ones(synthetic: Synthetic) -> None:
     doc = synthetic.doc("--targets", "golf", "hotel")
     assert set(doc["pending"]) == {
@@ -711,7 +747,7 @@ def test_synthetic_contract_migration_blocks_later_ones(synthetic: Synthetic) ->
 def test_synthetic_whole_plan(synthetic: Synthetic) -> None:
     doc = synthetic.doc()
     assert doc["leaf_nodes_before"] == dict.fromkeys(APPS, "0001_initial")
-    assert len(doc["pending"]) == 13
+    assert len(doc["pending"]) == 14
     assert doc["verdict"] == "maintenance"
     # Every case is judged the same way inside the whole plan as alone.
     for app in ("alpha", "bravo", "charlie", "delta"):

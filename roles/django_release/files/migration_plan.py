@@ -59,7 +59,7 @@ JSON document (keys)
                          phase, reversible, deferrable (contract migrations: can run as a whole after the
                          switch), deferrable_reason, blocks, blocked_by (the contract migrations it waits for),
                          operations: [{index, operation, description, class, reason, table, column,
-                         rows, size_bytes, new_table, reversible, reverse_warning, sql, locks,
+                         rows, size_bytes, new_table, reversible, reverse_warning, lock_warning, sql, locks,
                          locking_risk, deferrable, deferral: {interim_sql, deferred_sql, caveats[, not_null_now,
                          not_null_at_removal]} | null,
                          database_operations (SeparateDatabaseAndState only)}]}]
@@ -107,6 +107,10 @@ Locking risks, from the collected SQL (regexes over the statements, literals mas
   brief    any other ACCESS EXCLUSIVE statement (DROP TABLE/COLUMN, RENAME, ...): short, but it queues
            behind running queries and everything queues behind it
   rows     UPDATE/DELETE: row locks until the migration commits
+  deadlock RunPython code (its source) or RunSQL that locks a table IN SHARE or SHARE ROW EXCLUSIVE
+           MODE: a warning. Those modes admit the old code's SELECT ... FOR UPDATE, so a live
+           transaction can hold a row the migration then writes while it waits to write under the
+           migration's lock: PostgreSQL kills one of them, maybe the request (lock EXCLUSIVE instead)
 rewrite/scan risks are reported on every non-empty live table, brief/rows ones on large tables
 only; a rewrite/scan risk on a large table *escalates* the verdict. Tables created earlier in
 the plan are empty.
@@ -126,6 +130,7 @@ Verdict
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import re
@@ -1001,6 +1006,28 @@ class OpContext:
         self.statements = statements
 
 
+# LOCK [TABLE] [ONLY] name[, ...] IN SHARE [ROW EXCLUSIVE] MODE: modes that admit ROW SHARE (SELECT ... FOR
+# UPDATE) but not ROW EXCLUSIVE (the writes after it).
+WEAK_WRITE_LOCK = re.compile(
+    r"\bLOCK\s+(?:TABLE\s+)?(?:ONLY\s+)?(?P<tables>[\w.\"]+(?:\s*\*)?(?:\s*,\s*[\w.\"]+(?:\s*\*)?)*)"
+    r"\s+IN\s+(?P<mode>SHARE\s+ROW\s+EXCLUSIVE|SHARE)\s+MODE\b",
+    re.IGNORECASE,
+)
+
+
+def weak_lock_warning(text: str) -> str | None:
+    """The warning for a table lock in data-migration code that can make a live request a deadlock's victim."""
+    found = [(" ".join(m["mode"].upper().split()), m["tables"].replace('"', "")) for m in WEAK_WRITE_LOCK.finditer(text)]
+    if not found:
+        return None
+    locks = ", ".join(f"{tables} IN {mode} MODE" for mode, tables in dict.fromkeys(found))
+    return (
+        f"locks {locks}: that mode admits the old code's SELECT ... FOR UPDATE, so a live transaction can hold a row"
+        " this migration then writes while it waits to write under this lock; PostgreSQL then kills one of the two"
+        " after deadlock_timeout, maybe the request. Lock IN EXCLUSIVE MODE instead (reads go on, row holders finish first)"
+    )
+
+
 class Judgement:
     """The class of one operation and why, with what the orchestrator needs to defer it."""
 
@@ -1012,6 +1039,7 @@ class Judgement:
         self.column: str | None = None
         self.deferral: dict[str, Any] | None = None
         self.reverse_warning: str | None = None
+        self.lock_warning: str | None = None
 
 
 class Analysis:
@@ -1200,6 +1228,18 @@ class Analysis:
 
     # ---- RunPython / RunSQL
     def judge_code(self, name: str, c: OpContext) -> Judgement:
+        j = self.judge_code_class(name, c)
+        if name == "RunSQL":
+            text = "\n".join(st.text for st in c.statements)
+        else:
+            try:
+                text = inspect.getsource(c.op.code)
+            except (OSError, TypeError):  # no source to read (built in, generated): nothing to warn about
+                text = ""
+        j.lock_warning = weak_lock_warning(text)
+        return j
+
+    def judge_code_class(self, name: str, c: OpContext) -> Judgement:
         if name == "RunSQL":
             breaking = self.destructive_old(c.statements)
             tables = [a["table"] for st in c.statements for a in parse_statement(st.masked) if a.get("table")]
@@ -1666,6 +1706,7 @@ def finish_operation(out: dict[str, Any], catalog: Catalog) -> None:
             "size_bytes": info["size_bytes"] if info else None,
             "new_table": bool(info and info["new"]),
             "reverse_warning": j.reverse_warning,
+            "lock_warning": j.lock_warning,
             "locks": locks,
             "locking_risk": bool(locks),
             "deferrable": j.deferrable,
@@ -1761,6 +1802,8 @@ def assemble(
                     warnings.append(text + (" - large table: set lock_timeout" if risk["holds"] == "brief" else ""))
             if o["reverse_warning"]:
                 warnings.append(f"{where}: {o['reverse_warning']}")
+            if o.get("lock_warning"):
+                warnings.append(f"{where}: {o['lock_warning']}")
         contract_parts = [o for o in m["operations"] if o["class"] == "contract"]
         harmless = all(
             (o["class"] == "contract" and o["deferrable"])
