@@ -17,10 +17,11 @@ same sources always give the same sha256.
     scripts/build_release.py all                # every release
     scripts/build_release.py v1 --dir           # build/releases/acme-v1/ (a tree)
     scripts/build_release.py --list
-    scripts/build_release.py v1 --venv          # .cache/venvs/<hash>/ with the release's pins installed
+    scripts/build_release.py v1 --venv          # ~/.cache/djm/venvs/<hash>/ with the release's pins installed
 
 ``--venv`` builds (or reuses) a virtualenv for the release's requirements under
-``.cache/venvs/<sha256 of requirements + interpreter>``, with the oldest
+``~/.cache/djm/venvs/<sha256 of requirements + interpreter>`` (``DJM_VENV_CACHE`` overrides the
+directory; every checkout of the machine shares it, as pip shares its cache), with the oldest
 interpreter on this machine that satisfies the release's ``python`` specifier
 (pyenv versions and python3.X on PATH; ``--python`` overrides), and prints its
 path.
@@ -50,7 +51,11 @@ import tomllib
 ROOT = Path(__file__).resolve().parent.parent
 APP_DIR = ROOT / "examples" / "acme"
 DEFAULT_OUT = ROOT / "build" / "releases"
-VENV_ROOT = ROOT / ".cache" / "venvs"
+# Shared by every checkout of this machine, like pip's cache: the key holds all a venv depends on
+# (DJM_VENV_CACHE overrides the directory).
+VENV_ROOT = Path(
+    os.environ.get("DJM_VENV_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "djm" / "venvs"
+)
 DEFAULT_EPOCH = 1577836800  # 2020-01-01T00:00:00Z
 EXCLUDED_DIRS = {"__pycache__", ".pytest_cache", "staticfiles", "media", ".mypy_cache"}
 EXCLUDED_SUFFIXES = (".pyc", ".pyo", ".swp", "~")
@@ -359,7 +364,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: build/releases)")
     parser.add_argument("--dir", action="store_true", help="assemble into <out>/acme-<id>/ instead of a tarball")
     parser.add_argument("--list", action="store_true", help="list the releases and exit")
-    parser.add_argument("--venv", action="store_true", help="build or reuse .cache/venvs/<hash> for the release, print its path")
+    parser.add_argument(
+        "--venv", action="store_true", help="build or reuse ~/.cache/djm/venvs/<hash> for the release, print its path"
+    )
     parser.add_argument("--python", help="interpreter for --venv (default: the oldest one satisfying the release)")
     args = parser.parse_args(argv)
     if not args.list and not args.release:

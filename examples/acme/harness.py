@@ -1,7 +1,7 @@
 """Test harness for the ACME fixture app (used by tests/unit/test_fixture_*.py and test_gen_data.py).
 
 Assembles release trees with scripts/build_release.py, builds their virtualenvs once
-(.cache/venvs/<hash>, reused across runs), runs manage.py with the env-var contract
+(~/.cache/djm/venvs/<hash>, reused across runs and checkouts), runs manage.py with the env-var contract
 pointed at a throwaway PostgreSQL, and takes column-order-independent fingerprints.
 """
 
@@ -61,7 +61,7 @@ def release_dir(release_id: str) -> Path:
 
 @functools.cache
 def venv_python(release_id: str) -> Path:
-    """The interpreter of the release's virtualenv (built once, then reused from .cache/venvs)."""
+    """The interpreter of the release's virtualenv (built once, then reused from ~/.cache/djm/venvs)."""
     return build_release.ensure_venv(build_release.assemble(release_id)) / "bin" / "python"
 
 
