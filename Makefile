@@ -34,7 +34,7 @@ fleet-status: ## Show the local fleet
 lint: ## yamllint, ansible-lint (production profile), ruff, promtool on the example alert rules
 	yamllint -s .
 	ansible-lint
-	ruff check scripts tests examples roles molecule plugins
+	ruff check scripts tests examples roles molecule plugins conftest.py .config/molecule
 	@command -v promtool >/dev/null || { echo "lint: promtool not found: run make setup"; exit 1; }
 	promtool check rules monitoring/alerts.yml
 	promtool test rules monitoring/alerts_test.yml
