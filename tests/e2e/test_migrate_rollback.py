@@ -22,8 +22,9 @@ from collections.abc import Callable
 from typing import Any
 
 import yaml
-from conftest import E2E, ENV, FLEET, INVENTORY, LOGS, PYTHON_VERSION, REPO
 from run_record import stage_seconds  # scripts/, on the path conftest sets
+
+from conftest import E2E, ENV, FLEET, INVENTORY, LOGS, PYTHON_VERSION, REPO
 
 
 def assert_back_on_v1(e2e: E2E) -> None:
