@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fleetlib.common import EXIT_OK, REPO_ROOT, FleetError, die, setup_environment
 from fleetlib.hosts import DEFAULT_INVENTORY, down, status, up
-from fleetlib.inventory import parse_image_map, validate_fleet_name
+from fleetlib.inventory import parse_image_map, parse_vars, validate_fleet_name
 from fleetlib.recipe import RECIPES
 
 
@@ -39,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="image per host or group (lb, app, db), repeatable; a host beats its group. E.g. --image-map app2=debian12",
     )
     up.add_argument("--http-port", type=port_number, help="publish lb1:80 on 127.0.0.1:PORT")
+    up.add_argument(
+        "--var",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a variable of the whole fleet in the generated inventory (all.vars), repeatable; e.g. django_service_workers=2",
+    )
     up.add_argument("--subnet", help="fleet network subnet (default: a free /24 in 10.90.0.0/16)")
     up.add_argument(
         "--inventory",
@@ -77,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         fleet = validate_fleet_name(args.name)
         if args.command == "up":
             image_map = parse_image_map(args.image_map, sorted(RECIPES))
-            up(fleet, args.apps, args.image, image_map, args.http_port, args.inventory, args.subnet)
+            up(fleet, args.apps, args.image, image_map, args.http_port, args.inventory, args.subnet, parse_vars(args.var))
         elif args.command == "down":
             down(fleet)
         elif args.command == "status":

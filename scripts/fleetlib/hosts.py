@@ -406,6 +406,7 @@ def up(
     http_port: int | None,
     inventory: Path,
     subnet: str | None,
+    extra_vars: dict[str, str] | None = None,
 ) -> None:
     timer = Timer()
     paths = FleetPaths(fleet)
@@ -496,7 +497,7 @@ def up(
     if created and len(names) > 1:
         check_dns(paths, hosts, names[0], names[-1])
 
-    rendered = render_inventory(fleet, hosts, paths.key, paths.known_hosts, ensure_secrets(paths))
+    rendered = render_inventory(fleet, hosts, paths.key, paths.known_hosts, ensure_secrets(paths), extra_vars)
     inv_changed = write_if_changed(inventory, rendered, 0o600)
     previous = Path(load_state(paths).get("inventory") or inventory)
     if previous != inventory and remove_generated_inventory(previous, fleet):

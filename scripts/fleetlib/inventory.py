@@ -55,6 +55,18 @@ def parse_image_map(items: list[str], known_images: list[str]) -> dict[str, str]
     return mapping
 
 
+def parse_vars(items: list[str]) -> dict[str, str]:
+    """`NAME=VALUE` items of `fleet.py up --var` (an inventory variable of the whole fleet, e.g. a test
+    fleet's django_service_workers=2): NAME a variable name, VALUE a string; one line each."""
+    parsed: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or "\n" in value:
+            raise FleetError(f"--var {item!r}: expected NAME=VALUE, NAME a variable name, VALUE on one line", EXIT_USAGE)
+        parsed[name] = value
+    return parsed
+
+
 def plan_hosts(apps: int, subnet: str, image: str, image_map: dict[str, str]) -> list[HostSpec]:
     """lb1, app1..appN, db1 with fixed addresses in `subnet` (a /24 or larger)."""
     if not 1 <= apps <= MAX_APPS:
@@ -99,8 +111,10 @@ def render_inventory(
     key_file: Path,
     known_hosts: Path,
     secrets: dict[str, str] | None = None,
+    extra_vars: dict[str, str] | None = None,
 ) -> str:
-    """YAML inventory: groups lb, app, db; per host ansible_host/user/key/ssh args; `secrets` as all.vars.
+    """YAML inventory: groups lb, app, db; per host ansible_host/user/key/ssh args; `secrets` and
+    `extra_vars` (`fleet.py up --var NAME=VALUE`) as all.vars.
 
     `hosts` maps inventory name -> (group, IP address).
     """
@@ -118,6 +132,7 @@ def render_inventory(
                 f"          ansible_ssh_common_args: {_quote(common_args)}",
                 "          ansible_python_interpreter: /usr/bin/python3",
             ]
-    if secrets:
-        lines += ["  vars:"] + [f"    {name}: {_quote(value)}" for name, value in sorted(secrets.items())]
+    all_vars = {**(extra_vars or {}), **(secrets or {})}
+    if all_vars:
+        lines += ["  vars:"] + [f"    {name}: {_quote(value)}" for name, value in sorted(all_vars.items())]
     return "\n".join(lines) + "\n"

@@ -308,8 +308,12 @@ def e2e() -> Iterator[E2E]:
         sh([sys.executable, "scripts/fleet.py", "images"])
         # Always a new fleet: one left by an interrupted session holds that session's releases and runs.
         sh([sys.executable, "scripts/fleet.py", "down", "--name", FLEET], check=False)
+        # Two gunicorn workers per app host, not the role's default for the 2 vCPUs a container sees (5):
+        # every switch, rollback and restore starts them again, each importing Django (about 1 CPU-s each,
+        # measured in the whole run of dcdde8b, where gunicorn was the largest share of the e2e tier's CPU).
+        # The root scenario makes its fleet the same way (molecule/default/prepare.yml).
         sh([sys.executable, "scripts/fleet.py", "up", "--name", FLEET, "--apps", "3", "--http-port", str(port),
-            "--inventory", str(INVENTORY)])  # fmt: skip
+            "--inventory", str(INVENTORY), "--var", "django_service_workers=2"])  # fmt: skip
     timings = {"fleet up": time.monotonic() - started}
     try:
         sh([sys.executable, "scripts/build_release.py", "all"])

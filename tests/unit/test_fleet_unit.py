@@ -224,6 +224,21 @@ def test_render_inventory_puts_local_secrets_in_all_vars(tmp_path: Path) -> None
     assert yaml.safe_load(text)["all"]["vars"] == secrets
 
 
+def test_fleet_vars_go_to_all_vars_beside_the_secrets_which_win(tmp_path: Path) -> None:
+    extra = inventory.parse_vars(["django_service_workers=2", "note=a b:c", "vault_project_db_password=not-this"])
+    assert extra == {"django_service_workers": "2", "note": "a b:c", "vault_project_db_password": "not-this"}
+    secrets = {"vault_project_db_password": "pw"}
+    text = inventory.render_inventory("djm", {"lb1": ("lb", "10.90.0.10")}, tmp_path / "k", tmp_path / "kh", secrets, extra)
+    expected = {"django_service_workers": "2", "note": "a b:c", "vault_project_db_password": "pw"}
+    assert yaml.safe_load(text)["all"]["vars"] == expected
+
+
+@pytest.mark.parametrize("item", ["noequals", "=1", "bad name=1", "1x=2", "x=a\nb"])
+def test_a_malformed_fleet_var_is_refused_in_one_line(item: str) -> None:
+    with pytest.raises(FleetError, match=r"--var .*expected NAME=VALUE"):
+        inventory.parse_vars([item])
+
+
 def test_local_secrets_are_random_per_fleet_and_stable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fleetlib import hosts
 
