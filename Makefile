@@ -40,7 +40,7 @@ lint: ## yamllint, ansible-lint (production profile), ruff, promtool on the exam
 	promtool test rules monitoring/alerts_test.yml
 
 test-unit: ## Unit tests: scripts and the fixture app on a throwaway local PostgreSQL
-	pytest -q tests/unit
+	pytest -q -n 2 --dist loadfile tests/unit
 
 test-fast: lint test-unit ## Lint + unit tests (the inner loop)
 
