@@ -20,8 +20,9 @@ description:
     module arguments, extra vars and the command line are never written."
 options:
   dir:
-    description: Directory of the event logs (one sub-directory per project).
-    default: build/events, beside the ansible.cfg in use (the current directory without one)
+    description:
+      - Directory of the event logs (one sub-directory per project).
+      - Unset, C(build/events) beside the ansible.cfg in use (the current directory without one).
     env:
       - name: DJM_EVENTS_DIR
     ini:

@@ -1166,3 +1166,29 @@ def test_status_history_shows_each_run_once_as_its_newest_line_says(tmp_path: Pa
     ]
     assert [r["run_id"] for r in djm.history_tail("acme", count=2)] == ["r3", "r2"]
     assert djm.history_tail("other") == []
+
+
+def test_event_log_default_directory_is_build_events_beside_the_ansible_cfg(tmp_path: Path) -> None:
+    """Without DJM_EVENTS_DIR the log goes to build/events beside the ansible.cfg in use: the option's
+    documented default once was a sentence, which Ansible took as the directory's name."""
+    config = tmp_path / "ansible.cfg"
+    config.write_text(
+        "[defaults]\n"
+        f"callback_plugins = {REPO / 'plugins' / 'callback'}\n"
+        "callbacks_enabled = djm_events\n"
+        "interpreter_python = auto_silent\n"
+    )
+    playbook = tmp_path / "play.yml"
+    playbook.write_text(
+        "- name: Preflight - nothing\n  hosts: localhost\n  gather_facts: false\n"
+        "  tasks:\n    - name: Say hello\n      ansible.builtin.debug:\n        msg: hello\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "DJM_EVENTS_"))}
+    env.update(ANSIBLE_CONFIG=str(config), PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    command = ["ansible-playbook", "-c", "local", "-i", "localhost,", "-e", f"ansible_python_interpreter={sys.executable}"]
+    proc = subprocess.run([*command, str(playbook)], env=env, capture_output=True, text=True, timeout=300, check=False, cwd=work)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.jsonl"))
+    assert len(files) == 1 and files[0].startswith("build/events/_unnamed/"), files
