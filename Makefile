@@ -19,7 +19,7 @@ help: ## List the targets
 setup: ## Install OS packages, the virtualenv and the project-local podman config (idempotent)
 	bash scripts/setup.sh
 
-images: ## Build (or reuse, by recipe hash) the Debian 11 and 12 test images, and their -pg variants (PostgreSQL preinstalled) for Molecule fixtures
+images: ## Build (or reuse, by recipe hash) the Debian 11 and 12 test images, and the fixture variants: -pg (PostgreSQL preinstalled, Molecule fixtures), debian11-app (an app host's packages, the second e2e fleet)
 	$(PY) scripts/fleet.py images
 
 fleet-up: images ## Start the local fleet: lb1, app1..app$(APPS), db1 (APPS=N to change)

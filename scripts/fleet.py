@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fleetlib.common import EXIT_OK, REPO_ROOT, FleetError, die, setup_environment
 from fleetlib.hosts import DEFAULT_INVENTORY, down, status, up
 from fleetlib.inventory import parse_image_map, parse_vars, validate_fleet_name
-from fleetlib.recipe import RECIPES
+from fleetlib.recipe import FIXTURES, RECIPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     images = sub.add_parser("images", help="build (or reuse, by recipe hash) the Debian 11 and 12 images and their -pg variants")
-    images.add_argument("--only", choices=sorted(RECIPES), help="build only this image (and its -pg variant)")
+    images.add_argument("--only", choices=sorted(RECIPES), help="build only this image (and its fixture variants)")
     images.add_argument("--force", action="store_true", help="rebuild even if the recipe hash is unchanged")
 
     up = sub.add_parser("up", help="start (or complete) the fleet: lb1, app1..appN, db1, reachable over SSH")
@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="HOST=IMAGE",
-        help="image per host or group (lb, app, db), repeatable; a host beats its group. E.g. --image-map app2=debian12",
+        help="image per host or group (lb, app, db), repeatable; a host beats its group; a base image or a fixture image"
+        " (debian11-pg, debian11-app: packages preinstalled). E.g. --image-map app2=debian12",
     )
     up.add_argument("--http-port", type=port_number, help="publish lb1:80 on 127.0.0.1:PORT")
     up.add_argument(
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         fleet = validate_fleet_name(args.name)
         if args.command == "up":
-            image_map = parse_image_map(args.image_map, sorted(RECIPES))
+            image_map = parse_image_map(args.image_map, sorted([*RECIPES, *FIXTURES]))
             up(fleet, args.apps, args.image, image_map, args.http_port, args.inventory, args.subnet, parse_vars(args.var))
         elif args.command == "down":
             down(fleet)

@@ -1,5 +1,6 @@
 """`fleet.py images`: build (or reuse, by recipe hash) localhost/djm-debian11 and localhost/djm-debian12,
-then the Molecule fixture images on top of them (localhost/djm-debian11-pg, localhost/djm-debian12-pg)."""
+then the fixture images on top of them (localhost/djm-debian11-pg, djm-debian12-pg: PostgreSQL preinstalled;
+djm-debian11-app: an app host's packages; scripts/fleetlib/recipe.py)."""
 
 from __future__ import annotations
 

@@ -385,6 +385,8 @@ def test_cli_rejects_bad_arguments(argv: list[str], capsys: pytest.CaptureFixtur
         (["up", "--apps", "0"], "--apps 0: use 1 to 150"),
         (["up", "--image-map", "app9=debian12"], "app9, which is not a host"),
         (["up", "--image-map", "app1"], "expected HOST=IMAGE"),
+        # A fixture image (packages preinstalled) is an image too: the error lists it.
+        (["up", "--image-map", "db=debian11-pgx"], "debian11-app, debian11-pg, debian12, debian12-pg"),
         (["down", "--name", "Bad Name"], "--name"),
     ],
 )
