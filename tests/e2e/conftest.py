@@ -46,6 +46,18 @@ FLEET = os.environ.get("DJM_E2E_FLEET", "djme2e") + ("" if FIRST_WORKER else f"-
 REUSE = os.environ.get("DJM_E2E_REUSE") == "1" and FIRST_WORKER
 INVENTORY = REPO / "inventories" / "local" / f"{FLEET}-hosts.yml"
 LOGS = REPO / "build" / "e2e" / ("" if FIRST_WORKER else FLEET)
+# How this worker's fleet is made, and made whole again by a test that stopped a host (fleet.py up
+# writes the inventory again: without the same arguments the fleet would lose its variables).
+# Two gunicorn workers per app host, not the role's default for the 2 vCPUs a container sees (5):
+# every switch, rollback and restore starts them again, each importing Django (about 1 CPU-s each,
+# measured in the whole run of dcdde8b, where gunicorn was the largest share of the e2e tier's CPU).
+# The root scenario makes its fleet the same way (molecule/default/prepare.yml). A second worker's
+# fleet starts from the images with the roles' packages preinstalled (app hosts: venv support and
+# nginx; db1: PostgreSQL), saving their apt installs (scripts/fleetlib/recipe.py); the first worker's
+# fleet, like the root scenario's, installs them on fresh hosts.
+FLEET_UP_ARGS = ("--apps", "3", "--inventory", str(INVENTORY), "--var", "django_service_workers=2") + (
+    () if FIRST_WORKER else ("--image-map", "app=debian11-app", "--image-map", "db=debian11-pg")
+)
 # Held while a worker builds the releases and, for a new fleet, deploys v1: the controller's caches
 # (wheelhouses, the CPython build) are filled by one deploy at a time, never written by two at once.
 SETUP_LOCK = REPO / "build" / "e2e" / ".setup.lock"
@@ -314,16 +326,7 @@ def e2e() -> Iterator[E2E]:
         sh([sys.executable, "scripts/fleet.py", "images"])
         # Always a new fleet: one left by an interrupted session holds that session's releases and runs.
         sh([sys.executable, "scripts/fleet.py", "down", "--name", FLEET], check=False)
-        # Two gunicorn workers per app host, not the role's default for the 2 vCPUs a container sees (5):
-        # every switch, rollback and restore starts them again, each importing Django (about 1 CPU-s each,
-        # measured in the whole run of dcdde8b, where gunicorn was the largest share of the e2e tier's CPU).
-        # The root scenario makes its fleet the same way (molecule/default/prepare.yml).
-        # A second worker's fleet starts from the images with the roles' packages preinstalled (app hosts:
-        # venv support and nginx; db1: PostgreSQL), saving their apt installs (scripts/fleetlib/recipe.py);
-        # the first worker's fleet, like the root scenario's, installs them on fresh hosts.
-        preinstalled = [] if FIRST_WORKER else ["--image-map", "app=debian11-app", "--image-map", "db=debian11-pg"]
-        sh([sys.executable, "scripts/fleet.py", "up", "--name", FLEET, "--apps", "3", "--http-port", str(port),
-            "--inventory", str(INVENTORY), "--var", "django_service_workers=2", *preinstalled])  # fmt: skip
+        sh([sys.executable, "scripts/fleet.py", "up", "--name", FLEET, "--http-port", str(port), *FLEET_UP_ARGS])
         fcntl.flock(setup_lock, fcntl.LOCK_EX)
     timings = {"fleet up": time.monotonic() - started}
     try:

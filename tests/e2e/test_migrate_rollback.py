@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 from run_record import stage_seconds  # scripts/, on the path conftest sets
 
-from conftest import E2E, ENV, FLEET, INVENTORY, LOGS, PYTHON_VERSION, REPO
+from conftest import E2E, ENV, FLEET, FLEET_UP_ARGS, INVENTORY, LOGS, PYTHON_VERSION, REPO
 
 
 def assert_back_on_v1(e2e: E2E) -> None:
@@ -284,8 +284,10 @@ def test_unreachable_app_host_stops_the_run_before_any_change(e2e: E2E) -> None:
         run = e2e.migrate("v2", check=False, log="migrate-app1-down")
     finally:
         subprocess.run(["podman", "start", f"{FLEET}-app1"], env=ENV, check=True, capture_output=True)
-        subprocess.run([sys.executable, "scripts/fleet.py", "up", "--name", FLEET, "--apps", "3",
-                        "--inventory", str(INVENTORY)], cwd=REPO, env=ENV, check=True, capture_output=True)  # fmt: skip
+        subprocess.run([sys.executable, "scripts/fleet.py", "up", "--name", FLEET, *FLEET_UP_ARGS],
+                       cwd=REPO, env=ENV, check=True, capture_output=True)  # fmt: skip
+    # Made whole with the fleet's own arguments: its variables are still in the inventory.
+    assert yaml.safe_load(INVENTORY.read_text())["all"]["vars"].get("django_service_workers") == "2"
     assert run.rc != 0
     assert "UNREACHABLE" in run.output
     assert "TASK [Take the deploy lock" not in run.output  # stopped in preflight: no task of a later play ran
@@ -402,7 +404,10 @@ def test_the_runtime_failing_to_install_on_one_host_switches_no_host(e2e: E2E) -
 def test_a_second_run_is_refused_and_a_stale_lock_is_reported(e2e: E2E) -> None:
     stale = {"run_id": "20260101T000000Z-dead0", "owner": "someone", "controller": "elsewhere.example",
              "pid": 1, "playbook": "migrate", "target": "v9", "locked_at": "2026-01-01T00:00:00Z"}  # fmt: skip
-    e2e.ssh("db1", f"echo {json.dumps(json.dumps(stale))} | sudo tee /var/lib/djm/acme/lock.json >/dev/null")
+    # The project's state directory exists once a run has taken the lock; on a new fleet (this test first
+    # on its worker) the test makes it as the lock would (0750), then plants the lock of a dead run.
+    plant = "sudo install -d -m 0750 /var/lib/djm/acme && sudo tee /var/lib/djm/acme/lock.json >/dev/null"
+    e2e.ssh("db1", f"echo {json.dumps(json.dumps(stale))} | {{ {plant}; }}")
     try:
         run = e2e.migrate("v2", check=False, log="migrate-locked")
         assert run.rc != 0
@@ -570,14 +575,10 @@ def test_forced_rolling_run_failing_half_way_exports_users_writes_then_restores(
           f" {json.dumps(export.get('tables'))}; missing after restore {load.missing_orders}")  # fmt: skip
     assert run.rc != 0
     assert record["strategy"] == "rolling" and record["result"] == "rolled_back", record.get("converge")
-    if record["converge"]["mode"] == "reverse":
-        # The atomic data migration before the non-atomic one lost a deadlock with a checkout (it locks
-        # products SHARE ROW EXCLUSIVE, then updates them) and rolled back whole: nothing half-applied,
-        # so the rule reverses, writes kept, and there is nothing to export.
-        assert load.missing_orders == 0, load.verify_output
-        assert_back_on_v1(e2e)
-        return
-    assert record["converge"]["mode"] == "restore"
+    # catalog.0003 (atomic) locks products EXCLUSIVE, so it no longer loses a deadlock to a checkout
+    # and rolls back whole (the case where the rule reversed); the non-atomic migration after it fails
+    # half-way, so the run must restore, and export the users' writes first.
+    assert record["converge"]["mode"] == "restore", record["converge"]
     run_dir = f"/var/lib/djm/acme/runs/{record['run_id']}/export"
     assert export["dir"] == run_dir and export["rows"] > 0, export
     # one line: the cause, the undo, and where the users' writes are
