@@ -63,18 +63,23 @@ FLEET_UP_ARGS = ("--apps", "3", "--inventory", str(INVENTORY), "--var", "django_
 SETUP_LOCK = REPO / "build" / "e2e" / ".setup.lock"
 PYTHON_VERSION = "3.11.2"
 # The longest tests first (in this order; the rest as written), so that two pytest-xdist workers, which
-# take tests in collection order, end together: by their durations in the whole run of 2026-12-01
-# (1523, 478, 468, 353, 318, 310 and 302 s under two workers; every other test took under 220 s).
+# take tests in collection order, end together: by their durations (call + teardown) in the whole run
+# of 2a65a3f (2026-12-01 19:38-20:24, two workers): 1719, 544, 500, 449, 365, 302, 292, 247, 238, 235
+# and 233 s; every other test took under 120 s.
 LONGEST_FIRST = (
     "test_two_phase_failed_health_gate_switches_back_and_the_next_run_finishes_the_contract",
+    "test_a_project_not_written_for_the_tool_deploys_migrates_and_rolls_back_from_its_inventory_alone",
     "test_rollback_modes_refuse_what_would_break_or_lose_and_restore_keeps_the_replaced_database",
     "test_failed_migration_restores_automatically_without_flags",
-    "test_forced_rolling_run_failing_half_way_exports_users_writes_then_restores",
     "test_check_mode_changes_nothing_and_shows_the_plan",
+    "test_a_lock_held_on_products_trips_the_lock_timeout_and_the_run_goes_back_without_blocking_the_site",
     "test_maintenance_migrate_failing_its_smoke_check_is_reversed_and_proven_without_users_seeing_v2",
+    "test_forced_rolling_run_failing_half_way_exports_users_writes_then_restores",
+    "test_controller_killed_mid_migration_leaves_nothing_running_that_could_apply_it_later",
+    "test_controller_killed_mid_switch_is_finished_by_rollback",
+    "test_bad_input_is_refused_in_one_line_and_nothing_served_changes",
+    "test_the_runtime_failing_to_install_on_one_host_switches_no_host",
 )
-# Deploys a second project on the same hosts and leaves lb1 serving it: the last test of its fleet.
-RUNS_LAST = "test_a_project_not_written_for_the_tool_deploys_migrates_and_rolls_back_from_its_inventory_alone"
 ENV = {
     **os.environ,
     "CONTAINERS_CONF": os.environ.get("CONTAINERS_CONF", str(REPO / ".config" / "containers" / "containers.conf")),
@@ -297,11 +302,11 @@ class E2E:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Order the tests longest first (LONGEST_FIRST), the second project's last: it leaves lb1 serving
-    its own project, so no test may follow it on its fleet (under xdist the last item collected is the
-    last one sent, so it runs last on its worker). Every worker collects the same order."""
+    """Order the tests longest first (LONGEST_FIRST), so that the two workers end together: a long test
+    taken last keeps one worker busy alone (in the whole run of 2a65a3f the second project's test, then
+    kept last, ran 5 minutes after the other worker had ended). Every worker collects the same order."""
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: (item.name == RUNS_LAST, rank.get(item.name, len(rank))))
+    items.sort(key=lambda item: rank.get(item.name, len(rank)))
 
 
 @pytest.fixture(scope="session")

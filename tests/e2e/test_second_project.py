@@ -6,7 +6,8 @@ own. Only its inventory (examples/library/inventory, beside a copy of the fleet'
 the tool about it: deploy, migrate to v2 and roll back, with the health gate on and its pages and
 their static files fetched through the load balancer all along.
 
-Runs last (file order): it replaces the load balancer's configuration with the library's.
+It replaces the load balancer's configuration with the library's, and puts acme's back at its end
+(pass or fail), so that any test may follow it on its fleet.
 """
 
 from __future__ import annotations
@@ -88,6 +89,19 @@ def browsing(e2e: E2E, run: Callable[[], Any]) -> tuple[Any, Counter[str], set[s
 
 
 def test_a_project_not_written_for_the_tool_deploys_migrates_and_rolls_back_from_its_inventory_alone(e2e: E2E) -> None:
+    try:
+        library_deploy_migrate_rollback(e2e)
+    finally:
+        # Hand lb1 back to acme (its inventory's HAProxy configuration; acme's services ran on all along):
+        # the next test on this fleet expects the site it left, whatever happened here.
+        e2e.playbook("playbooks/deploy.yml", "--tags", "loadbalancer", check=True, log="acme-loadbalancer-back")
+    deadline = time.monotonic() + 60  # acme's servers UP again (HAProxy's health checks)
+    while set(e2e.haproxy_states().values()) != {"UP"} and time.monotonic() < deadline:
+        time.sleep(2)
+    assert e2e.checkout_works() and set(e2e.haproxy_states().values()) == {"UP"}, e2e.haproxy_states()
+
+
+def library_deploy_migrate_rollback(e2e: E2E) -> None:
     inventory = LOGS / "library-inventory"
     shutil.rmtree(inventory, ignore_errors=True)
     shutil.copytree(LIBRARY / "inventory", inventory)
