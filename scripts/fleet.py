@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleet.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    images = sub.add_parser("images", help="build (or reuse, by recipe hash) the Debian 11 and 12 images and their -pg variants")
+    images = sub.add_parser("images", help="build (or reuse, by recipe hash) the Debian 11 and 12 images and their fixtures")
     images.add_argument("--only", choices=sorted(RECIPES), help="build only this image (and its fixture variants)")
     images.add_argument("--force", action="store_true", help="rebuild even if the recipe hash is unchanged")
 

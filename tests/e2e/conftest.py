@@ -189,6 +189,12 @@ class E2E:
                 states[cols[1]] = cols[17]
         return states
 
+    def wait_all_up(self, seconds: float) -> None:
+        """Until every server is UP in HAProxy (its health checks passing again), at most `seconds`."""
+        deadline = time.monotonic() + seconds
+        while set(self.haproxy_states().values()) != {"UP"} and time.monotonic() < deadline:
+            time.sleep(2)
+
     def run_record(self) -> dict[str, Any]:
         """The record of the last migrate.yml run ({} before the first)."""
         last = self.ssh("db1", "sudo cat /var/lib/djm/acme/last-run 2>/dev/null || true")

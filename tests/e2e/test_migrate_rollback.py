@@ -37,13 +37,6 @@ def assert_back_on_v1(e2e: E2E) -> None:
     assert e2e.lock() is None
 
 
-def wait_all_up(e2e: E2E, seconds: float) -> None:
-    """Until every server is UP in HAProxy (its health checks passing again), at most `seconds`."""
-    deadline = time.monotonic() + seconds
-    while set(e2e.haproxy_states().values()) != {"UP"} and time.monotonic() < deadline:
-        time.sleep(2)
-
-
 def failures(load: object) -> dict[str, int]:
     return dict(getattr(load, "summary", {}).get("failures_by_status", {}))
 
@@ -293,7 +286,7 @@ def test_unreachable_app_host_stops_the_run_before_any_change(e2e: E2E) -> None:
     assert "TASK [Take the deploy lock" not in run.output  # stopped in preflight: no task of a later play ran
     assert e2e.run_record().get("run_id") == last_run_before
     assert e2e.sql("SELECT count(*) FROM django_migrations") == migrations_before
-    wait_all_up(e2e, 90)  # app1 boots, gunicorn starts (enabled), HAProxy's checks see it
+    e2e.wait_all_up(90)  # app1 boots, gunicorn starts (enabled), HAProxy's checks see it
     assert_back_on_v1(e2e)
 
 
@@ -307,7 +300,7 @@ def test_a_database_refusing_the_app_stops_the_run_in_preflight(e2e: E2E) -> Non
     finally:
         e2e.ssh("db1", "sudo -u postgres psql -X -At -d postgres -c 'ALTER DATABASE acme ALLOW_CONNECTIONS true'")
         # A worker without an open session answered /healthz 503 meanwhile: HAProxy's checks see it again.
-        wait_all_up(e2e, 60)
+        e2e.wait_all_up(60)
     assert run.rc != 0
     cause = r"The database does not answer the app from app1 (release v1, its own settings): .*not currently accepting"
     assert re.search(re.escape(cause).replace(r"\ ", r"\s+").replace(r"\.\*", r"[\s\S]*?"), run.output), run.failed_line
