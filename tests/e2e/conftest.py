@@ -1,10 +1,12 @@
 """End-to-end tests of migrate.yml and rollback.yml on one shared local fleet.
 
-The session fixture `e2e` brings up its own fleet (lb1, app1..app3 on Debian 11, db1) named by
+The session fixture `e2e` brings up its own fleet (lb1, app1..appN on Debian 11, db1; N = DJM_E2E_APPS,
+default 2) named by
 DJM_E2E_FLEET (default `djme2e`; two sessions running at once need two names), lb1 on host port
 DJM_E2E_HTTP_PORT (default: a free one), deploys the fixture's v1 with playbooks/deploy.yml, loads
 a little generated data (DJM_E2E_REUSE=1 takes the fleet DJM_E2E_FLEET as it is instead, idle on v1
-with its data: `make test` hands over the root Molecule scenario's), and hands the tests helpers to
+with its data: `make test` hands over the root Molecule scenario's, and app hosts past N are taken
+out of it), and hands the tests helpers to
 run the operator's commands, send steady traffic through lb1 (scripts/loadgen.py) and look at the
 hosts over SSH. Every test leaves the fleet serving v1 (through the product's own rollback), so the
 tests share it. `DJM_E2E_KEEP=1` keeps the fleet afterwards.
@@ -55,7 +57,14 @@ LOGS = REPO / "build" / "e2e" / ("" if FIRST_WORKER else FLEET)
 # fleet starts from the images with the roles' packages preinstalled (app hosts: venv support and
 # nginx; db1: PostgreSQL), saving their apt installs (scripts/fleetlib/recipe.py); the first worker's
 # fleet, like the root scenario's, installs them on fresh hosts.
-FLEET_UP_ARGS = ("--apps", "3", "--inventory", str(INVENTORY), "--var", "django_service_workers=2") + (
+#
+# Two app hosts by default (DJM_E2E_APPS): enough for every rolling, canary and half-way case the
+# tests make (a first host switched, a second one failing), and a third of the app-host work of each
+# of the tier's 40-odd runs less on a CPU-bound machine. The root scenario keeps its three; a reused
+# fleet is cut down to DJM_E2E_APPS (the fixture `e2e`).
+APPS = int(os.environ.get("DJM_E2E_APPS", "2"))
+APP_HOSTS = tuple(f"app{i}" for i in range(1, APPS + 1))
+FLEET_UP_ARGS = ("--apps", str(APPS), "--inventory", str(INVENTORY), "--var", "django_service_workers=2") + (
     () if FIRST_WORKER else ("--image-map", "app=debian11-app", "--image-map", "db=debian11-pg")
 )
 # Held while a worker builds the releases and, for a new fleet, deploys v1: the controller's caches
@@ -178,7 +187,7 @@ class E2E:
         return self.ssh("db1", f"sudo -u postgres psql -X -At -d acme -c {shlex.quote(query)}")
 
     def serving(self) -> dict[str, str]:
-        return {h: self.ssh(h, "basename $(readlink /srv/acme/current)") for h in ("app1", "app2", "app3")}
+        return {h: self.ssh(h, "basename $(readlink /srv/acme/current)") for h in APP_HOSTS}
 
     def haproxy_states(self) -> dict[str, str]:
         out = self.ssh("lb1", "echo 'show stat' | sudo socat -t 5 STDIO UNIX-CONNECT:/run/haproxy/admin.sock")
@@ -323,6 +332,7 @@ def e2e() -> Iterator[E2E]:
     state = REPO / ".fleet" / FLEET / "state.json"
     SETUP_LOCK.parent.mkdir(parents=True, exist_ok=True)
     setup_lock = SETUP_LOCK.open("w")
+    surplus: list[str] = []
     if REUSE:
         # The lock at once: this worker only checks the caches (filled by the root scenario), seconds,
         # while a new fleet's worker brings its fleet up first and then deploys under the lock. In the
@@ -332,6 +342,14 @@ def e2e() -> Iterator[E2E]:
         if not state.is_file():
             pytest.fail(f"DJM_E2E_REUSE=1: no fleet {FLEET} to reuse ({state} is missing)")
         port = int(json.loads(state.read_text())["http_port"])
+        # The root scenario's fleet has three app hosts: the ones past APPS leave it (their containers
+        # removed, the inventory written again; HAProxy's list follows once the caches are checked).
+        apps = yaml.safe_load(INVENTORY.read_text())["all"]["children"]["app"].get("hosts") or {}
+        surplus = [host for host in apps if host not in APP_HOSTS]
+        for host in surplus:
+            sh(["podman", "rm", "--force", f"{FLEET}-{host}"])
+        if surplus:
+            sh([sys.executable, "scripts/fleet.py", "up", "--name", FLEET, *FLEET_UP_ARGS])
     else:
         port = int((os.environ.get("DJM_E2E_HTTP_PORT") if FIRST_WORKER else None) or free_port())
         sh([sys.executable, "scripts/fleet.py", "images"])
@@ -350,6 +368,11 @@ def e2e() -> Iterator[E2E]:
                 hostvars[host] = {**inventory["all"].get("vars", {}), **(values or {})}
         fleet = E2E(port, hostvars, json.loads((REPO / ".fleet" / FLEET / "secrets.json").read_text()), timings)
         if REUSE:
+            if surplus:
+                t = time.monotonic()
+                fleet.playbook("playbooks/deploy.yml", "--tags", "loadbalancer", check=True, log=f"without-{'-'.join(surplus)}")
+                fleet.wait_all_up(60)
+                timings[f"without {', '.join(surplus)}"] = time.monotonic() - t
             serving, lock = fleet.serving(), fleet.lock()
             if set(serving.values()) != {"v1"} or lock is not None or not fleet.checkout_works():
                 pytest.fail(f"DJM_E2E_REUSE=1: fleet {FLEET} is not idle on v1 (serving {serving}, lock {lock})")

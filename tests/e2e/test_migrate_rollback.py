@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 from run_record import stage_seconds  # scripts/, on the path conftest sets
 
-from conftest import E2E, ENV, FLEET, FLEET_UP_ARGS, INVENTORY, LOGS, PYTHON_VERSION, REPO
+from conftest import APP_HOSTS, E2E, ENV, FLEET, FLEET_UP_ARGS, INVENTORY, LOGS, PYTHON_VERSION, REPO
 
 
 def assert_back_on_v1(e2e: E2E) -> None:
@@ -97,7 +97,7 @@ def prepare_v2(e2e: E2E) -> None:
     """v2 prepared on every app host (a test that runs alone finds it missing): a plan-only run
     prepares it and changes nothing else."""
     manifest = "/srv/acme/releases/v2/RELEASE.json"
-    if any(e2e.ssh(host, f"sudo test -f {manifest}; echo $?") != "0" for host in ("app1", "app2", "app3")):
+    if any(e2e.ssh(host, f"sudo test -f {manifest}; echo $?") != "0" for host in APP_HOSTS):
         e2e.migrate("v2", "-e", "migrate_plan_only=true", log="prepare-v2")
 
 
@@ -108,7 +108,7 @@ def snapshot(e2e: E2E) -> dict[str, str]:
         "sudo find /srv /var/lib/djm /var/backups/postgresql /etc/haproxy /etc/systemd/system /opt"
         " -path /srv/acme/shared/logs -prune -o -printf '%p %s %T@ %l\\n' 2>/dev/null | sort | md5sum"
     )
-    taken = {host: e2e.ssh(host, files) for host in ("lb1", "app1", "app2", "app3", "db1")}
+    taken = {host: e2e.ssh(host, files) for host in ("lb1", *APP_HOSTS, "db1")}
     # The schema, and each table's rows as an order-independent hash (docs/fingerprint.md's query).
     # (pg_dump's \restrict line carries a random key each time: left out.)
     taken["schema"] = e2e.ssh("db1", "cd /tmp && sudo -u postgres pg_dump --schema-only -d acme | grep -Ev '^.(un)?restrict '")
@@ -225,7 +225,7 @@ def test_two_phase_failed_health_gate_switches_back_and_the_next_run_finishes_th
     with e2e.load("rollback-code") as load:
         run = e2e.rollback(log="rollback-code")
     record = e2e.run_record()
-    print(f"rollback code (3 app hosts): {run.seconds:.1f}s, load {load.summary['total']} requests,"
+    print(f"rollback code ({len(APP_HOSTS)} app hosts): {run.seconds:.1f}s, load {load.summary['total']} requests,"
           f" failures {failures(load)}, stages {stage_seconds(record)}")  # fmt: skip
     assert record["converge"]["mode"] == "code" and record["contract_pending"] is True, record["converge"]
     assert failures(load) == {} and load.missing_orders == 0, (load.summary["failures_by_status"], load.verify_output)
@@ -374,8 +374,8 @@ def test_a_backup_directory_without_room_stops_the_run_before_the_lock(e2e: E2E)
 
 
 def test_the_runtime_failing_to_install_on_one_host_switches_no_host(e2e: E2E) -> None:
-    """Python 3.11.2 cannot be put in place on app2 alone (a file where its directory goes); app1 and app3
-    prepare v2. The run fails in prepare and no host is switched or migrated."""
+    """Python 3.11.2 cannot be put in place on app2 alone (a file where its directory goes); the other
+    app hosts prepare v2. The run fails in prepare and no host is switched or migrated."""
     prepare_v2(e2e)  # the runtime in place on every app host, as a run before this one left it
     applied = "SELECT count(*) FROM django_migrations"
     before = e2e.sql(applied)

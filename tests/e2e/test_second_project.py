@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from conftest import E2E, INVENTORY, LOGS, REPO
+from conftest import APP_HOSTS, E2E, INVENTORY, LOGS, REPO
 
 LIBRARY = REPO / "examples" / "library"
 BOOKS = 24
@@ -118,7 +118,7 @@ def library_deploy_migrate_rollback(e2e: E2E) -> None:
         return dict(json.loads(e2e.ssh("db1", f"sudo cat /var/lib/djm/library/runs/{last}.json")))
 
     def serving() -> set[str]:
-        return {e2e.ssh(host, "basename $(readlink /srv/library/current)") for host in ("app1", "app2", "app3")}
+        return {e2e.ssh(host, "basename $(readlink /srv/library/current)") for host in APP_HOSTS}
 
     deploy = play("playbooks/deploy.yml", log="library-deploy-v1")
     print(f"\nlibrary deploy v1: {deploy.seconds:.0f}s")
