@@ -497,7 +497,7 @@ def test_rollback_modes_refuse_what_would_break_or_lose_and_restore_keeps_the_re
 
     # restore: users wrote since the backup (checkouts on v2): refused, the site left in maintenance,
     # nothing discarded.
-    with e2e.load("rollback-restore-refused", rate=10) as load:
+    with e2e.load("rollback-restore-refused") as load:
         refused = e2e.rollback("-e", "rollback_mode=restore", check=False, log="rollback-restore-refused")
     assert refused.rc != 0 and "nothing was discarded" in refused.output, refused.output[-3000:]
     assert e2e.get("/smoke/profile/1")[0] == 503  # the maintenance page, not the app
@@ -513,7 +513,7 @@ def test_rollback_modes_refuse_what_would_break_or_lose_and_restore_keeps_the_re
 
     # restore, discarding those writes on purpose: they stay in the replaced database. Under the same
     # traffic: the window is still open, so users see only the maintenance page until it closes on v1.
-    with e2e.load("rollback-restore", rate=10, preflight=False) as during:
+    with e2e.load("rollback-restore", preflight=False) as during:
         accepted = e2e.rollback("-e", "rollback_mode=restore", "-e", "rollback_accept_data_loss=true", log="rollback-restore")
     said = " ".join(accepted.output.split())  # the callback folds long messages over lines
     assert "re-allowed connections to acme" in said and "dropped acme__restore_20260101T000000Z" in said, said[-3000:]
@@ -558,7 +558,7 @@ def test_forced_rolling_run_failing_half_way_exports_users_writes_then_restores(
     database while the non-atomic data migration rewrites half of the payments and fails. The undo opens the
     window at once, exports every row written since the backup into the run's directory, restores, serves v1;
     every acknowledged order is in the restored database or in the export, and the export re-applies."""
-    with e2e.load("rolling-bad-migration", rate=10, max_seconds=1800) as load:
+    with e2e.load("rolling-bad-migration", max_seconds=1800) as load:
         run = e2e.migrate("v2-bad-migration", "-e", "migrate_strategy=rolling", check=False, log="migrate-rolling-bad")
     record = e2e.run_record()
     export = record.get("restored", {}).get("export") or {}
