@@ -204,6 +204,12 @@ class E2E:
         while set(self.haproxy_states().values()) != {"UP"} and time.monotonic() < deadline:
             time.sleep(2)
 
+    def redeploy_loadbalancer(self, log: str) -> None:
+        """HAProxy's configuration from acme's inventory again (the loadbalancer play of deploy.yml), then
+        every server UP: after the fleet lost app hosts, or after another project took lb1."""
+        self.playbook("playbooks/deploy.yml", "--tags", "loadbalancer", check=True, log=log)
+        self.wait_all_up(60)
+
     def run_record(self) -> dict[str, Any]:
         """The record of the last migrate.yml run ({} before the first)."""
         last = self.ssh("db1", "sudo cat /var/lib/djm/acme/last-run 2>/dev/null || true")
@@ -371,8 +377,7 @@ def e2e() -> Iterator[E2E]:
         if REUSE:
             if surplus:
                 t = time.monotonic()
-                fleet.playbook("playbooks/deploy.yml", "--tags", "loadbalancer", check=True, log=f"without-{'-'.join(surplus)}")
-                fleet.wait_all_up(60)
+                fleet.redeploy_loadbalancer(log=f"without-{'-'.join(surplus)}")
                 timings[f"without {', '.join(surplus)}"] = time.monotonic() - t
             serving, lock = fleet.serving(), fleet.lock()
             if set(serving.values()) != {"v1"} or lock is not None or not fleet.checkout_works():

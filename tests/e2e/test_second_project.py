@@ -94,8 +94,8 @@ def test_a_project_not_written_for_the_tool_deploys_migrates_and_rolls_back_from
     finally:
         # Hand lb1 back to acme (its inventory's HAProxy configuration; acme's services ran on all along):
         # the next test on this fleet expects the site it left, whatever happened here.
-        e2e.playbook("playbooks/deploy.yml", "--tags", "loadbalancer", check=True, log="acme-loadbalancer-back")
-    e2e.wait_all_up(60)  # acme's servers UP again (HAProxy's health checks)
+        # acme's servers UP again (HAProxy's health checks).
+        e2e.redeploy_loadbalancer(log="acme-loadbalancer-back")
     assert e2e.checkout_works() and set(e2e.haproxy_states().values()) == {"UP"}, e2e.haproxy_states()
 
 
