@@ -80,9 +80,10 @@ test: setup ## Everything CI runs: set-up (idempotent), lint, unit, every Molecu
 demo: setup ## The local fleet running the fixture app v1 with generated data, served through lb1 (127.0.0.1:8080)
 	$(PY) scripts/demo.py --apps $(APPS)
 
-bench: images ## Benchmarks, figures not tests (docs/benchmarks.md): the same migrate on 3 and 10 app hosts; BENCH_BACKUP=1 adds backup/restore vs raw pg_dump/pg_restore
-	$(PY) scripts/bench_scale.py
-	@if [ "$(BENCH_BACKUP)" = 1 ]; then $(PY) scripts/bench_backup.py --repeat 3; fi
+bench: images ## Benchmarks, figures not tests: 3 vs 10 app hosts, load per stage, rollback modes; backup/restore vs raw; writes docs/benchmarks.md (about an hour)
+	$(PY) scripts/bench_scale.py --no-doc
+	$(PY) scripts/bench_backup.py --repeat 3 --no-doc
+	$(PY) scripts/bench_report.py
 
 clean: fleet-down ## fleet-down, then remove build artefacts
 	rm -rf build .cache

@@ -16,7 +16,8 @@ runs together with the generated data set, so the data is made once):
 Our side runs the programs the roles ship (roles/pg_backup/files/pg_snapshot_backup.py,
 roles/pg_restore/files/pg_snapshot_restore.py), exactly as the roles call them. Prints seconds, GB/min
 (database size, pg_database_size, per minute), ratios against the targets, and the extrapolation to a
-50 GB database; writes the figures as JSON into the workdir.
+50 GB database; writes the figures as JSON into build/bench/backup-<time>.json and docs/benchmarks.md
+again from the newest figures (scripts/bench_report.py; --no-doc leaves it).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import bench_report  # scripts/bench_report.py: docs/benchmarks.md from the newest figures
 import pgcluster  # scripts/pgcluster.py, beside this file
 import psycopg
 from psycopg import sql
@@ -258,6 +260,7 @@ def measure(args: argparse.Namespace, cluster: Cluster, workdir: Path) -> dict[s
     if args.prepare_only:
         return {"data": data}
     db_size = int(cluster.execute(f"SELECT pg_database_size('{DB}')"))
+    load_average_before = os.getloadavg()
     rounds = []
     for number in range(1, args.repeat + 1):
         log(f"round {number} of {args.repeat}")
@@ -269,6 +272,7 @@ def measure(args: argparse.Namespace, cluster: Cluster, workdir: Path) -> dict[s
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "postgresql": cluster.bindir.parent.name},
+        "load_average_before": load_average_before,
         "data": data,
         "db_size_bytes": db_size,
         "raw_dump_bytes": details["raw_dump_bytes"],
@@ -290,57 +294,6 @@ def measure(args: argparse.Namespace, cluster: Cluster, workdir: Path) -> dict[s
     }
 
 
-def report(result: dict[str, Any]) -> str:
-    gb = result["db_size_bytes"] / 2**30
-    s = result["seconds"]
-    ratios = result["ratios"]
-
-    def row(label: str, key: str, ratio: str = "") -> str:
-        seconds = s[key]
-        rate = gb / (seconds / 60) if seconds else 0.0
-        at_50 = seconds * TARGET_GB / gb / 60
-        fastest = f" ({result['best_seconds'][key]:.1f})"
-        return f"| {label} | {seconds:8.1f}{fastest} | {rate:6.2f} | {ratio} | {at_50:6.1f} |"
-
-    lines = [
-        f"Database {result['db_size_bytes'] / 2**30:.2f} GiB (pg_database_size), jobs {result['jobs']}, gzip level "
-        f"{result['compress']}, {result['machine']['cpus']} CPUs, PostgreSQL {result['machine']['postgresql']}; dump "
-        f"{result['raw_dump_bytes'] / 2**20:.0f} MiB raw / {result['our_dump_bytes'] / 2**20:.0f} MiB ours.",
-        "",
-        f"Median of {result['repeat']} rounds (best round in brackets); ratios from the medians.",
-        "",
-        "| phase | seconds | GB/min | ratio | min at 50 GB |",
-        "|---|---:|---:|---|---:|",
-        row("raw `pg_dump -Fd -j N`", "raw_dump"),
-        row(
-            "our dump phase (`pg_dump --snapshot`)",
-            "our_dump_phase",
-            f"{ratios['dump_phase_throughput_vs_raw']:.2f}x raw throughput (target >= 0.90)",
-        ),
-        row("our fingerprints (in the snapshot)", "our_fingerprints"),
-        row("our checksums + manifest", "our_checksums"),
-        row("our verification (checksums, `pg_restore --list`)", "our_verify"),
-        row(
-            "fingerprints + checksums + verification",
-            "our_overhead",
-            f"{ratios['fingerprints_plus_verification_vs_dump']:.2f}x dump time (target <= 0.30)",
-        ),
-        row("our whole backup, no test restore", "our_backup_total", f"{ratios['whole_backup_vs_raw_dump']:.2f}x raw dump"),
-        row("our test restore verification", "our_verify_test_restore"),
-        row(
-            "our whole backup with test restore",
-            "our_backup_total_with_test_restore",
-            f"{ratios['whole_backup_with_test_restore_vs_raw_dump']:.2f}x raw dump",
-        ),
-        row("raw `pg_restore -j N`", "raw_restore"),
-        row("our restore: checksum check", "our_restore_check"),
-        row("our restore: pg_restore + fingerprints + ANALYZE", "our_restore_restore"),
-        row("our restore: live comparison + swap", "our_restore_swap"),
-        row("our whole restore", "our_restore_total", f"{ratios['restore_vs_raw']:.2f}x raw (target <= 1.20)"),
-    ]
-    return "\n".join(lines) + "\n"
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument(
@@ -354,6 +307,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bin-dir", default="", help="PostgreSQL bin directory (default: newest installed)")
     parser.add_argument("--repeat", type=int, default=3, help="rounds; each phase's best time is reported (default 3)")
     parser.add_argument("--prepare-only", action="store_true", help="only make (or find) the data set")
+    parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md alone")
     return parser.parse_args(argv)
 
 
@@ -363,10 +317,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.prepare_only:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
         return 0
-    out = Path(args.workdir) / f"results-{datetime.datetime.now():%Y%m%dT%H%M%S}.json"
+    stamp = f"{datetime.datetime.now():%Y%m%dT%H%M%S}"
+    out = bench_report.BENCH / f"backup-{stamp}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    sys.stdout.write(report(result))
+    sys.stdout.write(bench_report.backup_table(result) + "\n")
     sys.stdout.write(f"\nFigures: {out}\n")
+    if not args.no_doc:
+        bench_report.write()
+        log(f"wrote {bench_report.DOC.relative_to(REPO)}")
     return 0
 
 

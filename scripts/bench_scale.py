@@ -10,18 +10,29 @@ For each size, on a new local fleet (lb1, app1..appN, db1; Debian 11), the opera
 with the controller's caches warm (the CPython build and the release artefacts are made once,
 before the first size) and the same small generated data set. Prints per-command seconds and the
 migrate's per-stage seconds (from its run record on db1) side by side with their ratio, so what
-grows with the number of hosts and what stays flat shows; writes them into docs/benchmarks.md
-(between the bench_scale markers) and the raw figures as JSON under build/bench/.
+grows with the number of hosts and what stays flat shows.
+
+Then, on the smallest fleet and under steady mixed traffic through lb1 (scripts/loadgen.py at
+--load-rate requests/s, every acknowledged order looked up afterwards): a capacity probe (rising
+rates, --probe-seconds each), and each rollback mode after its own migrate: migrate + rollback
+(auto: reverse), migrate + rollback restore (users' writes exported), migrate with the contract
+left pending + rollback (auto: code); per command and per stage of its run record: requests,
+failures by status, p50/p95/p99.
+
+The raw figures go to build/bench/scale-<time>/results.json, and docs/benchmarks.md is written
+again from the newest figures (scripts/bench_report.py).
 
     scripts/bench_scale.py [--sizes 3,10] [--size 3MB] [--fleet djmbench] [--http-port 18300]
+                           [--load-rate 20] [--probe-seconds 20] [--serial 25%] [--keep] [--no-doc]
 
-The fleet is removed at the end (--keep keeps the last one). Needs `make setup`; about 25 minutes
+The fleet is removed at the end (--keep keeps the last one). Needs `make setup`; about 45 minutes
 on a 2-core machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -29,17 +40,17 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import bench_report  # scripts/bench_report.py: docs/benchmarks.md from the latest figures
 import demo  # scripts/demo.py, beside this file: environment() and the data loader
-from run_record import stage_seconds
+import loadgen  # scripts/loadgen.py: the traffic, its records and percentiles
+from run_record import stage_seconds, stage_windows
 
 REPO = Path(__file__).resolve().parent.parent
-DOC = REPO / "docs" / "benchmarks.md"
-START, END = "<!-- bench_scale:start -->", "<!-- bench_scale:end -->"
 PYTHON_VERSION = "3.11.2"
-STAGES = ["prepare", "plan", "backup", "migrate", "switch", "contract", "verify", "finish"]
 
 
 def log(message: str) -> None:
@@ -61,18 +72,148 @@ def timed(argv: list[str], logfile: Path) -> float:
     return seconds
 
 
-def run_record(fleet: str, inventory: Path) -> dict[str, Any]:
-    """The record of the last run, read on db1 over SSH."""
+def ssh_db1(fleet: str, inventory: Path) -> list[str]:
+    """ssh to db1 of the fleet, as the fleet's own key and known_hosts allow."""
     db = demo.inventory_hosts(inventory)["db1"]
     fleet_dir = REPO / ".fleet" / fleet
-    command = "sudo sh -c 'cat /var/lib/djm/acme/runs/$(cat /var/lib/djm/acme/last-run).json'"
     known = f"UserKnownHostsFile={fleet_dir / 'known_hosts'}"
-    out = subprocess.run(
-        ["ssh", "-i", str(fleet_dir / "id_ed25519"), "-o", "BatchMode=yes", "-o", known, "-o", "StrictHostKeyChecking=yes",
-         f"{db['ansible_user']}@{db['ansible_host']}", command],
-        check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
+    return ["ssh", "-i", str(fleet_dir / "id_ed25519"), "-o", "BatchMode=yes", "-o", known, "-o", "StrictHostKeyChecking=yes",
+            f"{db['ansible_user']}@{db['ansible_host']}"]  # fmt: skip
+
+
+def run_record(fleet: str, inventory: Path) -> dict[str, Any]:
+    """The record of the last run, read on db1 over SSH."""
+    command = "sudo sh -c 'cat /var/lib/djm/acme/runs/$(cat /var/lib/djm/acme/last-run).json'"
+    out = subprocess.run([*ssh_db1(fleet, inventory), command], check=True, capture_output=True, text=True).stdout
     return dict(json.loads(out))
+
+
+@contextlib.contextmanager
+def under_load(args: argparse.Namespace, inventory: Path, logs: Path, name: str) -> Iterator[dict[str, Any]]:
+    """Steady mixed traffic through lb1 (scripts/loadgen.py, --load-rate) for the block; afterwards the dict
+    holds the summary, every request's record file and the acknowledged orders not found in the database."""
+    out, stop, summary = (logs / f"load-{name}.{ext}" for ext in ("jsonl", "stop", "json"))
+    stop.unlink(missing_ok=True)
+    argv = [sys.executable, "scripts/loadgen.py", "run", "--url", f"http://127.0.0.1:{args.http_port}",
+            "--rate", str(args.load_rate), "--duration", "3600", "--stop-file", str(stop), "--out", str(out),
+            "--summary", str(summary)]  # fmt: skip
+    with (logs / f"load-{name}.log").open("w") as log_file:
+        proc = subprocess.Popen(argv, cwd=REPO, env=demo.environment(), stdout=log_file, stderr=subprocess.STDOUT)
+    load: dict[str, Any] = {"records": str(out)}
+    time.sleep(3)  # the preflight, then traffic before the operation starts
+    if proc.poll() is not None:
+        raise SystemExit(f"bench_scale: loadgen stopped early; see {logs / f'load-{name}.log'}")
+    try:
+        yield load
+    finally:
+        time.sleep(3)
+        stop.touch()
+        proc.wait(timeout=120)
+    load["summary"] = json.loads(summary.read_text())
+    psql = shlex.join([*ssh_db1(args.fleet, inventory), "sudo -u postgres psql -X -At -d acme"])
+    verify = subprocess.run(
+        [sys.executable, "scripts/loadgen.py", "verify", str(out), "--json", "--min-orders", "0", "--psql-cmd", psql],
+        cwd=REPO, env=demo.environment(), capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    load["missing_orders"] = len(json.loads(verify.stdout)["missing"]) if verify.stdout.strip() else None
+
+
+def phase_figures(records: list[dict[str, Any]], windows: dict[str, tuple[float, float]]) -> dict[str, dict[str, Any]]:
+    """Requests due in each window (epoch start <= t_start < end): how many, failed by status, latency percentiles (ms)."""
+    figures = {}
+    for name, (start, end) in windows.items():
+        inside = [r for r in records if start <= r["t_start"] < end]
+        latency = sorted(float(r["duration_ms"]) for r in inside)
+        failed: dict[str, int] = {}
+        for r in inside:
+            if not r["ok"]:
+                failed[str(r["status"])] = failed.get(str(r["status"]), 0) + 1
+        figures[name] = {
+            "seconds": round(end - start, 1),
+            "requests": len(inside),
+            "failed": sum(failed.values()),
+            "failed_by_status": failed,
+            **{f"p{pct}_ms": loadgen.percentile(latency, pct) for pct in (50, 95, 99)},
+        }
+    return figures
+
+
+def loaded_operation(args: argparse.Namespace, inventory: Path, logs: Path, name: str, argv: list[str]) -> dict[str, Any]:
+    """One operator command under load: its seconds, its run record's stages and mode, the load figures of the
+    whole command and of each stage of the record that ran inside it."""
+    with under_load(args, inventory, logs, name) as load:
+        started = time.time()
+        seconds = timed(argv, logs / f"{name}.log")
+        ended = time.time()
+    record = run_record(args.fleet, inventory)
+    records = list(loadgen.read_records(Path(load["records"])))
+    stages = {k: v for k, v in stage_windows(record).items() if v[0] >= started - 1 and v[1] <= ended + 1}
+    maintenance = record.get("maintenance") or {}
+    windows = {"whole command": (started, ended), **stages}
+    if maintenance.get("opened_epoch") and maintenance.get("seconds") is not None:
+        opened = float(maintenance["opened_epoch"])
+        if started - 1 <= opened <= ended:
+            windows["maintenance window"] = (opened, opened + float(maintenance["seconds"]))
+    summary = load["summary"]
+    return {
+        "command": shlex.join(argv),
+        "seconds": seconds,
+        "strategy": record.get("strategy"),
+        "mode": (record.get("converge") or {}).get("mode"),
+        "stages": {k: round(v[1] - v[0], 1) for k, v in stages.items()},
+        "maintenance_seconds": round(maintenance["seconds"], 1) if "maintenance window" in windows else 0.0,
+        "load": {
+            "rate": args.load_rate,
+            "total": summary["total"],
+            "failed": summary["failed"],
+            "failures_by_status": summary["failures_by_status"],
+            "orders_acknowledged": summary["orders_acknowledged"],
+            "orders_missing": load["missing_orders"],
+            "phases": phase_figures(records, windows),
+        },
+    }
+
+
+def capacity_probe(args: argparse.Namespace, logs: Path) -> list[dict[str, Any]]:
+    """Rising steady rates through lb1 for --probe-seconds each (v1 serving, nothing else running): what the
+    fleet answers, for the extrapolation to a production rate. Stops after the first rate with failures."""
+    steps = []
+    for rate in (25, 50, 100, 200):
+        out, summary = logs / f"probe-{rate}.jsonl", logs / f"probe-{rate}.json"
+        argv = [sys.executable, "scripts/loadgen.py", "run", "--url", f"http://127.0.0.1:{args.http_port}",
+                "--rate", str(rate), "--duration", str(args.probe_seconds), "--workers", "64",
+                "--out", str(out), "--summary", str(summary)]  # fmt: skip
+        timed(argv, logs / f"probe-{rate}.log")
+        figures = json.loads(summary.read_text())
+        latency = sorted(float(r["duration_ms"]) for r in loadgen.read_records(out))
+        steps.append({
+            "rate": rate, "total": figures["total"], "failed": figures["failed"],
+            "achieved_per_s": figures["requests_per_s"],
+            **{f"p{pct}_ms": loadgen.percentile(latency, pct) for pct in (50, 95, 99)},
+        })  # fmt: skip
+        if figures["failed"]:
+            break
+    return steps
+
+
+def load_runs(args: argparse.Namespace, inventory: Path, logs: Path) -> dict[str, Any]:
+    """On the fleet left on v1: the capacity probe, then each rollback mode after its own migrate, all under load."""
+    inv = ["-i", str(inventory)]
+    to_v2 = ["migrate.yml", "-e", "project_release_id=v2", "-e", f"project_python_version={PYTHON_VERSION}"]
+    operations = {}
+    probe = capacity_probe(args, logs)
+    plan = [
+        ("migrate", to_v2),
+        ("rollback (auto: reverse)", ["rollback.yml"]),
+        ("migrate again", to_v2),
+        ("rollback (restore, users' writes exported)",
+         ["rollback.yml", "-e", "rollback_mode=restore", "-e", "rollback_on_unsafe_restore=export"]),
+        ("migrate, contract left pending", [*to_v2, "--skip-tags", "contract"]),
+        ("rollback (auto: code)", ["rollback.yml"]),
+    ]  # fmt: skip
+    for number, (name, argv) in enumerate(plan, 1):
+        operations[name] = loaded_operation(args, inventory, logs, f"load-{number}", ["ansible-playbook", *inv, *argv])
+    return {"probe": probe, "operations": operations}
 
 
 def available_mib() -> int:
@@ -87,7 +228,7 @@ def measure(apps: int, args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     fleet, py = args.fleet, sys.executable
     inventory = REPO / "inventories" / "local" / f"{fleet}-hosts.yml"
     inv = ["-i", str(inventory)]
-    result: dict[str, Any] = {"apps": apps, "serial": args.serial, "load_average_before": os.getloadavg()}
+    result: dict[str, Any] = {"apps": apps, "serial": args.serial, "cpus": os.cpu_count(), "load_average_before": os.getloadavg()}
     subprocess.run(
         [py, "scripts/fleet.py", "down", "--name", fleet], cwd=REPO, env=demo.environment(), check=False, capture_output=True
     )
@@ -113,58 +254,10 @@ def measure(apps: int, args: argparse.Namespace, logs: Path) -> dict[str, Any]:
         )
         result["serial stages"] = stage_seconds(run_record(fleet, inventory))
         timed(["ansible-playbook", *inv, "rollback.yml"], logs / f"{apps}-rollback-serial.log")
+    if args.load_rate and apps == min(int(n) for n in args.sizes.split(",")):
+        result["load"] = load_runs(args, inventory, logs)
     result["load_average_after"] = os.getloadavg()
     return result
-
-
-def ratio(a: float | None, b: float | None) -> str:
-    return f"{b / a:.2f}x" if a and b is not None else ""
-
-
-def table(results: list[dict[str, Any]]) -> str:
-    small, large = results[0], results[-1]
-    head = f"| step | {small['apps']} app hosts, s | {large['apps']} app hosts, s | ratio |"
-    lines = [head, "|---|---:|---:|---:|"]
-    for key in ["fleet up", "deploy v1", "migrate v1 -> v2", "rollback"]:
-        a, b = small.get(key), large.get(key)
-        label = f"**{key}**" if key.startswith("migrate") else key
-        lines.append(f"| {label} | {a:.1f} | {b:.1f} | {ratio(a, b)} |")
-    for stage in STAGES:
-        a, b = small["migrate stages"].get(stage), large["migrate stages"].get(stage)
-        if a is None and b is None:
-            continue
-        lines.append(f"| migrate: {stage} | {a or 0:.1f} | {b or 0:.1f} | {ratio(a, b)} |")
-    if "serial stages" in large:
-        a, b = small["migrate stages"].get("switch"), large["serial stages"].get("switch")
-        lines.append(f"| migrate: switch, migrate_serial={large['serial']} | {a or 0:.1f} | {b or 0:.1f} | {ratio(a, b)} |")
-    return "\n".join(lines)
-
-
-def write_doc(results: list[dict[str, Any]], text: str, raw: Path, started: datetime.datetime) -> None:
-    small, large = results[0], results[-1]
-    when = started.strftime("%Y-%m-%d %H:%M")
-    section = "\n".join([
-        START,
-        f"### Run of {when} (`scripts/bench_scale.py`)",
-        "",
-        f"New fleets of {small['apps']} and {large['apps']} app hosts (Debian 11) one after the other, the controller's",
-        f"caches warm, the same data; migrate strategy {small['strategy']} / {large['strategy']},",
-        f"rollback by {small['rollback mode']} / {large['rollback mode']}. Load average before each:",
-        f"{small['load_average_before'][0]:.1f} / {large['load_average_before'][0]:.1f}.",
-        f"Memory the fleet took once serving v1 (drop of MemAvailable): {small['fleet memory MiB']} /"
-        f" {large['fleet memory MiB']} MiB; machine: {os.cpu_count()} CPUs.",
-        f"Raw figures: `{raw.relative_to(REPO)}` (not committed).",
-        "",
-        text,
-        "",
-        END,
-    ])  # fmt: skip
-    doc = DOC.read_text()
-    if START in doc and END in doc:
-        doc = doc[: doc.index(START)] + section + doc[doc.index(END) + len(END) :]
-    else:
-        doc = doc.rstrip("\n") + "\n\n## Scale: the same migrate on 3 and on 10 app hosts\n\n" + section + "\n"
-    DOC.write_text(doc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,6 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--serial", default="25%", help="also switch the largest fleet in batches of this migrate_serial ('' for no)"
     )
+    parser.add_argument(
+        "--load-rate",
+        type=float,
+        default=20.0,
+        help="requests/s through lb1 for the runs under load on the smallest fleet (0: none)",
+    )
+    parser.add_argument("--probe-seconds", type=int, default=20, help="seconds of each rate of the capacity probe (default 20)")
     parser.add_argument("--keep", action="store_true", help="keep the last fleet")
     parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args(argv)
@@ -200,11 +300,10 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run([py, "scripts/fleet.py", "down", "--name", args.fleet], cwd=REPO, env=demo.environment(), check=False)
     raw = logs / "results.json"
     raw.write_text(json.dumps(results, indent=2))
-    text = table([results[0], results[-1]])
-    print(text)
+    print(bench_report.scale_table(results))
     if not args.no_doc:
-        write_doc([results[0], results[-1]], text, raw, started)
-        log(f"wrote {DOC.relative_to(REPO)}")
+        bench_report.write()
+        log(f"wrote {bench_report.DOC.relative_to(REPO)}")
     return 0
 
 
