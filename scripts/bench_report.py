@@ -150,13 +150,31 @@ def load_section(loaded: dict[str, Any] | None, apps: int | None) -> str:
             f"{fmt(load_['orders_missing'], 0) if load_['orders_missing'] is not None else 'not checked'} | "
             f"{fmt(whole['p50_ms'], 0)} | {fmt(whole['p95_ms'], 0)} | {fmt(whole['p99_ms'], 0)} |"
         )
+    restores = [op for op in ops.values() if op["load"]["orders_missing"] and op.get("mode") == "restore"]
+    for op in restores:
+        load_ = op["load"]
+        kept = load_.get("orders_missing_kept_in_replaced_db")
+        lines += [
+            "",
+            f"The {load_['orders_missing']} orders missing after the restore were acknowledged after the backup the restore "
+            "went back to: a restore discards the writes made since its backup, by design; with "
+            "`rollback_on_unsafe_restore=export` every row that differs is exported first "
+            f"({load_.get('exported_rows', 'n/a')} rows), and the replaced database is kept"
+            + (f" (`{load_['replaced_db']}`)" if load_.get("replaced_db") else "")
+            + (
+                f": {kept} of the {load_['orders_missing']} are in it."
+                if kept is not None
+                else "; not looked up in it in this run."
+            ),
+        ]
     lines += ["", "Per stage (requests due while the stage ran, from the run record's stamps, 1 s resolution):", ""]
     lines += [
         "| command | stage | seconds | requests | failed | p50 ms | p95 ms | p99 ms |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, op in ops.items():
-        for phase, f in op["load"]["phases"].items():
+        phases = sorted(op["load"]["phases"].items(), key=lambda item: item[1].get("start", 0))  # chronological when known
+        for phase, f in phases:
             if phase == "whole command":
                 continue
             failed = ", ".join(f"{n} x {s}" for s, n in sorted(f["failed_by_status"].items())) or "0"

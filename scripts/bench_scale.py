@@ -110,12 +110,18 @@ def under_load(args: argparse.Namespace, inventory: Path, logs: Path, name: str)
         stop.touch()
         proc.wait(timeout=120)
     load["summary"] = json.loads(summary.read_text())
-    psql = shlex.join([*ssh_db1(args.fleet, inventory), "sudo -u postgres psql -X -At -d acme"])
+    missing = missing_orders(args, inventory, out, "acme")
+    load["missing_orders"], load["missing_ids"] = (len(missing), missing) if missing is not None else (None, [])
+
+
+def missing_orders(args: argparse.Namespace, inventory: Path, records: Path, database: str) -> list[int] | None:
+    """The acknowledged order ids of a load's records that `database` on db1 does not hold (None: not checked)."""
+    psql = shlex.join([*ssh_db1(args.fleet, inventory), f"sudo -u postgres psql -X -At -d {shlex.quote(database)}"])
     verify = subprocess.run(
-        [sys.executable, "scripts/loadgen.py", "verify", str(out), "--json", "--min-orders", "0", "--psql-cmd", psql],
+        [sys.executable, "scripts/loadgen.py", "verify", str(records), "--json", "--min-orders", "0", "--psql-cmd", psql],
         cwd=REPO, env=demo.environment(), capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
-    load["missing_orders"] = len(json.loads(verify.stdout)["missing"]) if verify.stdout.strip() else None
+    return list(json.loads(verify.stdout)["missing"]) if verify.stdout.strip() else None
 
 
 def phase_figures(records: list[dict[str, Any]], windows: dict[str, tuple[float, float]]) -> dict[str, dict[str, Any]]:
@@ -129,6 +135,7 @@ def phase_figures(records: list[dict[str, Any]], windows: dict[str, tuple[float,
             if not r["ok"]:
                 failed[str(r["status"])] = failed.get(str(r["status"]), 0) + 1
         figures[name] = {
+            "start": start,
             "seconds": round(end - start, 1),
             "requests": len(inside),
             "failed": sum(failed.values()),
@@ -155,6 +162,13 @@ def loaded_operation(args: argparse.Namespace, inventory: Path, logs: Path, name
         if started - 1 <= opened <= ended:
             windows["maintenance window"] = (opened, opened + float(maintenance["seconds"]))
     summary = load["summary"]
+    # A restore discards the writes made since the backup (exported first with rollback_on_unsafe_restore=export):
+    # the acknowledged orders the live database lacks must be in the replaced database the restore kept.
+    restored = record.get("restored") or {}
+    kept = None
+    if restored.get("failed_db") and load["missing_ids"]:
+        lacking = missing_orders(args, inventory, Path(load["records"]), restored["failed_db"])
+        kept = None if lacking is None else len(set(load["missing_ids"]) - set(lacking))
     return {
         "command": shlex.join(argv),
         "seconds": seconds,
@@ -169,6 +183,9 @@ def loaded_operation(args: argparse.Namespace, inventory: Path, logs: Path, name
             "failures_by_status": summary["failures_by_status"],
             "orders_acknowledged": summary["orders_acknowledged"],
             "orders_missing": load["missing_orders"],
+            "orders_missing_kept_in_replaced_db": kept,
+            "replaced_db": restored.get("failed_db"),
+            "exported_rows": (restored.get("export") or {}).get("rows"),
             "phases": phase_figures(records, windows),
         },
     }
@@ -212,7 +229,7 @@ def load_runs(args: argparse.Namespace, inventory: Path, logs: Path) -> dict[str
         ("rollback (auto: code)", ["rollback.yml"]),
     ]  # fmt: skip
     for number, (name, argv) in enumerate(plan, 1):
-        operations[name] = loaded_operation(args, inventory, logs, f"load-{number}", ["ansible-playbook", *inv, *argv])
+        operations[name] = loaded_operation(args, inventory, logs, f"op-{number}", ["ansible-playbook", *inv, *argv])
     return {"probe": probe, "operations": operations}
 
 

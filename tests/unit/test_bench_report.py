@@ -42,7 +42,8 @@ def test_phase_figures_count_the_requests_due_in_each_window_and_their_failures_
     windows = run_record.stage_windows({"stages": STAGES})
     figures = bench_scale.phase_figures(records, windows)
     assert figures["prepare"] == {
-        "seconds": 30.0, "requests": 30, "failed": 0, "failed_by_status": {}, "p50_ms": 24.0, "p95_ms": 38.0, "p99_ms": 39.0,
+        "start": T0, "seconds": 30.0, "requests": 30, "failed": 0, "failed_by_status": {},
+        "p50_ms": 24.0, "p95_ms": 38.0, "p99_ms": 39.0,
     }  # fmt: skip
     assert figures["backup"]["requests"] == 10 and figures["backup"]["failed"] == 3
     assert figures["backup"]["failed_by_status"] == {"503": 3}
@@ -106,22 +107,32 @@ def scale_result(apps: int, migrate: float, switch: float) -> dict[str, Any]:
 
 
 def loaded_figures() -> dict[str, Any]:
-    whole = {"seconds": 60.0, "requests": 1200, "failed": 0, "failed_by_status": {}, "p50_ms": 20.0, "p95_ms": 80.0, "p99_ms": 150.0}
+    whole = {
+        "seconds": 60.0,
+        "requests": 1200,
+        "failed": 0,
+        "failed_by_status": {},
+        "p50_ms": 20.0,
+        "p95_ms": 80.0,
+        "p99_ms": 150.0,
+    }
     window = whole | {"seconds": 12.0, "requests": 240, "failed": 240, "failed_by_status": {"503": 240}}
 
-    def op(mode: str | None, failed: dict[str, int], maintenance: float) -> dict[str, Any]:
+    def op(mode: str | None, failed: dict[str, int], maintenance: float, missing: int = 0) -> dict[str, Any]:
         phases = {"whole command": whole} | ({"maintenance window": window} if maintenance else {})
         return {
             "seconds": 60.0, "mode": mode, "maintenance_seconds": maintenance, "stages": {},
             "load": {"rate": 20.0, "total": 1200, "failed": sum(failed.values()), "failures_by_status": failed,
-                     "orders_acknowledged": 180, "orders_missing": 0, "phases": phases},
+                     "orders_acknowledged": 180, "orders_missing": missing, "phases": phases,
+                     "orders_missing_kept_in_replaced_db": missing - 1 if missing else None,
+                     "replaced_db": "acme__failed_x" if missing else None, "exported_rows": 99 if missing else None},
         }  # fmt: skip
 
     return {
         "probe": [{"rate": 25, "failed": 0, "p99_ms": 90.0}, {"rate": 50, "failed": 3, "p99_ms": 5000.0}],
         "operations": {
             "migrate": op(None, {}, 0.0),
-            "rollback (restore, users' writes exported)": op("restore", {"503": 240}, 12.0),
+            "rollback (restore, users' writes exported)": op("restore", {"503": 240}, 12.0, missing=7),
         },
     }
 
@@ -164,3 +175,6 @@ def test_the_report_computes_every_verdict_and_extrapolation_from_the_newest_fig
     assert "at least 8 requests/s per app host" in doc and "would need 60 such hosts serving, so 61" in doc
     # the restore window at 50 GB: 12 s measured + 22 s x 24 more
     assert "about 9 min of maintenance page" in doc
+    # the orders a restore discards are accounted for, not hidden: here one of them is not in the replaced database
+    assert "The 7 orders missing after the restore" in doc and "(99 rows)" in doc
+    assert "(`acme__failed_x`): 6 of the 7 are in it." in doc
