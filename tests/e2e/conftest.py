@@ -84,8 +84,8 @@ LONGEST_FIRST = (
     "test_a_lock_held_on_products_trips_the_lock_timeout_and_the_run_goes_back_without_blocking_the_site",
     "test_maintenance_migrate_failing_its_smoke_check_is_reversed_and_proven_without_users_seeing_v2",
     "test_forced_rolling_run_failing_half_way_exports_users_writes_then_restores",
+    "test_controller_killed_mid_switch_is_finished_by_rollback_without_a_failed_request",
     "test_controller_killed_mid_migration_leaves_nothing_running_that_could_apply_it_later",
-    "test_controller_killed_mid_switch_is_finished_by_rollback",
     "test_bad_input_is_refused_in_one_line_and_nothing_served_changes",
     "test_the_runtime_failing_to_install_on_one_host_switches_no_host",
 )

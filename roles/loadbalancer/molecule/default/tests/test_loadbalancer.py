@@ -194,8 +194,10 @@ def test_static_files_go_to_the_static_servers_which_a_drain_leaves_serving(host
 
 
 def test_drained_backend_gets_no_new_requests_and_comes_back(host):
+    run_playbook("rotation.yml", {"expected": []})
     run_playbook("drain.yml")
     assert server_status(host)[DRAINED] == "DRAIN"
+    run_playbook("rotation.yml", {"expected": [DRAINED]})  # what an undo switches back first
     # Its static files are still served: only the app's server is drained.
     static = host.check_output("for i in 1 2 3 4; do curl -sf --max-time 5 http://127.0.0.1/static/app.css; done")
     assert DRAINED in static
@@ -209,6 +211,7 @@ def test_drained_backend_gets_no_new_requests_and_comes_back(host):
     # ready.yml returns once every load balancer reports the server UP: no waiting here.
     assert {name(lb): server_status(lb)[DRAINED] for lb in every_lb()} == {name(lb): "UP" for lb in every_lb()}
     assert answers(host)[DRAINED] > 0
+    run_playbook("rotation.yml", {"expected": []})
 
 
 def test_maintenance_window_opens_survives_a_reload_and_closes():
