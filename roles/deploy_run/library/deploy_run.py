@@ -91,12 +91,16 @@ def read_text(path):
         return None
 
 
-def write_atomic(path, text):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE), "w", encoding="utf-8") as handle:
+def write_file(path, text):
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE), "w", encoding="utf-8") as handle:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def write_atomic(path, text):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    write_file(tmp, text)
     os.replace(tmp, path)
 
 
@@ -185,15 +189,17 @@ def main():
             module.exit_json(changed=True, lock=holder, broken=lock)
         if lock is not None:
             os.unlink(lock_path)
+        # Written whole beside it, then hard-linked into place: the link fails when a lock exists, and a
+        # concurrent reader never sees a lock file without its content (an O_EXCL create, then a write,
+        # let one read an empty file and fail with a traceback).
+        tmp = f"{lock_path}.tmp.{os.getpid()}"
+        write_file(tmp, json.dumps(holder, indent=2, sort_keys=True) + "\n")
         try:
-            fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+            os.link(tmp, lock_path)
         except FileExistsError:
+            os.unlink(tmp)
             module.fail_json(msg=f"deploy lock of {p['project']} was taken meanwhile", lock=read_json(lock_path), held=True)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(holder, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        os.unlink(tmp)
         module.exit_json(changed=True, lock=holder, broken=lock)
 
     if action == "unlock":
