@@ -131,6 +131,23 @@ def test_concurrent_lockers_one_wins_the_others_are_refused(state: State) -> Non
         state.ok("unlock", holder["run_id"])
 
 
+@pytest.mark.parametrize(
+    ("name", "actions"), [("lock.json", ("read", "lock", "update")), ("runs/run-a.json", ("read", "update"))]
+)
+def test_a_state_file_damaged_from_outside_is_named_in_one_line_and_left_alone(
+    state: State, name: str, actions: tuple[str, ...]
+) -> None:
+    state.ok("lock", "run-a", data={"owner": "alice"})
+    state.ok("start", "run-a", data={"release": "v2"})
+    damaged = state.root / name
+    damaged.write_text('{"run_id": "run-a", "own')  # cut short: a disk that filled, an editor
+    for action in actions:  # those that read it
+        result = state.call(action, "run-a", data={})
+        assert result.get("failed") and "\n" not in result["msg"], result
+        assert f"{damaged} is not JSON" in result["msg"] and "changed outside deploy_run" in result["msg"], result
+    assert damaged.read_text() == '{"run_id": "run-a", "own'
+
+
 def test_force_breaks_a_lock_and_reports_the_broken_holder(state: State) -> None:
     state.ok("lock", "run-a", data={"owner": "alice", "pid": 1})
     broke = state.ok("lock", "run-b", data={"owner": "bob"}, force=True)

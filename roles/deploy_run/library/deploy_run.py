@@ -75,12 +75,15 @@ def now():
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def read_json(path):
+def read_json(path, fail):
+    """The document in path, None when there is none; fail(msg=...) when it is not JSON (changed outside)."""
     try:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     except FileNotFoundError:
         return None
+    except ValueError as exc:
+        fail(msg=f"{path} is not JSON ({exc}): changed outside deploy_run; look at it, then repair or remove it")
 
 
 def read_text(path):
@@ -161,7 +164,7 @@ def main():
     run_path = os.path.join(runs, run_id + ".json") if run_id else ""
     last_path = os.path.join(root, "last-run")
     history_path = os.path.join(root, "history.jsonl")
-    lock = read_json(lock_path)
+    lock = read_json(lock_path, module.fail_json)
 
     def last_run():
         try:
@@ -169,10 +172,12 @@ def main():
                 last_id = handle.read().strip()
         except FileNotFoundError:
             return None
-        return read_json(os.path.join(runs, last_id + ".json")) if ID_PATTERN.match(last_id) else None
+        return read_json(os.path.join(runs, last_id + ".json"), module.fail_json) if ID_PATTERN.match(last_id) else None
 
     if action == "read":
-        module.exit_json(changed=False, lock=lock, last_run=last_run(), run=read_json(run_path) if run_path else None)
+        module.exit_json(
+            changed=False, lock=lock, last_run=last_run(), run=read_json(run_path, module.fail_json) if run_path else None
+        )
 
     if not module.check_mode:
         # The project directory too is 0750 (makedirs applies its mode to the last directory only).
@@ -198,7 +203,9 @@ def main():
             os.link(tmp, lock_path)
         except FileExistsError:
             os.unlink(tmp)
-            module.fail_json(msg=f"deploy lock of {p['project']} was taken meanwhile", lock=read_json(lock_path), held=True)
+            module.fail_json(
+                msg=f"deploy lock of {p['project']} was taken meanwhile", lock=read_json(lock_path, module.fail_json), held=True
+            )
         os.unlink(tmp)
         module.exit_json(changed=True, lock=holder, broken=lock)
 
@@ -214,7 +221,7 @@ def main():
     # start / update / finish: the run record.
     # Each write below happens only when it changes something, and is reported (in check mode too):
     # the same call made twice is unchanged the second time.
-    record = read_json(run_path)
+    record = read_json(run_path, module.fail_json)
     if record is None and module.check_mode and action != "start" and p["check_record"].get("run_id") == run_id:
         record = dict(p["check_record"])  # a check-mode run: its start wrote nothing
     if record is None:
