@@ -25,6 +25,7 @@ STORE_PROGRAM = REPO / "roles" / "pg_backup" / "files" / "pg_backup_store.py"
 RESTORE_PROGRAM = REPO / "roles" / "pg_restore" / "files" / "pg_snapshot_restore.py"
 sys.path.insert(0, str(BACKUP_PROGRAM.parent))
 
+import db_fingerprint as fp  # noqa: E402
 import pg_backup_store as store  # noqa: E402
 import pg_snapshot_backup as psb  # noqa: E402
 
@@ -424,3 +425,76 @@ def test_progress_says_finished_on_the_modules_result_and_on_a_missing_or_unread
     result = run(BACKUP_PROGRAM, "progress", "--backup-dir", str(tmp_path), "--id", "rel-9")
     assert (result["bytes_written"], result["where"], result["finished"]) == (300, "complete", False)
     run(BACKUP_PROGRAM, "progress", "--backup-dir", str(tmp_path), "--id", "../x", expect=1)  # ids are still checked
+
+
+def test_a_backup_taken_with_the_text_fingerprints_is_verified_and_restored(
+    pg_cluster: Any, app_db: str, backup_dir: Path
+) -> None:
+    """Backups on disk from before the columns method carry format-1 fingerprints (the whole row as
+    text). A rollback after an upgrade of the tool restores such a backup: the test restore, the
+    restore and the swap each fingerprint by the manifest's method, and prove it equal."""
+    old = backup_dir / "rel-old"
+    shutil.copytree(backup_dir / "rel-2", old)
+    for report in old.glob("restore-report-*"):
+        report.unlink()
+    manifest = manifest_of(backup_dir, "rel-old")
+    assert manifest["fingerprints"]["method"] == "columns1"
+    text = fp.fingerprint(app_db, method="text")  # app_db holds rel-2's data again (the swap above)
+    manifest["fingerprints"] = {k: v for k, v in text.items() if k != "method"} | {"format": 1}
+    manifest["backup_id"] = "rel-old"
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    verified = run(BACKUP_PROGRAM, "verify", *backup_args(pg_cluster, backup_dir, "rel-old"), "--test-restore", "--force")
+    assert verified["changed"] and verified["verification"]["checks"]["test_restore"], verified
+    restored = run(RESTORE_PROGRAM, "restore", *restore_args(pg_cluster, backup_dir, "--id", "rel-old"))
+    swapped = run(
+        RESTORE_PROGRAM,
+        "swap",
+        *restore_args(pg_cluster, backup_dir, "--id", "rel-old"),
+        "--restored-db",
+        restored["restored_db"],
+    )
+    assert swapped["decision"] != "refuse" and swapped["changed_tables"] == [], swapped
+    assert run(RESTORE_PROGRAM, "check", *restore_args(pg_cluster, backup_dir, "--id", "rel-old"))["already_restored"] is True
+    run(RESTORE_PROGRAM, "failed-retention", "--dsn", app_db, "--database", DB, "--keep", "0")
+    shutil.rmtree(old)
+
+
+def test_the_restored_database_has_planner_statistics_for_every_relation(pg_cluster: Any, tmp_path: Path) -> None:
+    """pg_restore leaves planner statistics empty: the restore ANALYZEs, on --jobs connections, every
+    relation a database-wide ANALYZE would: tables, a partitioned table and its partitions, materialized
+    views (one never populated)."""
+    name = "bk_stats"
+    admin = pg_cluster.dsn("postgres")
+    execute(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f'CREATE DATABASE "{name}"')
+    execute(
+        pg_cluster.dsn(name),
+        "CREATE TABLE plain (id int PRIMARY KEY, v text)",
+        "INSERT INTO plain SELECT g, 'v' || g FROM generate_series(1, 5000) g",
+        "CREATE TABLE parted (id int, day date) PARTITION BY RANGE (day)",
+        "CREATE TABLE parted_2025 PARTITION OF parted FOR VALUES FROM ('2025-01-01') TO ('2026-01-01')",
+        "CREATE TABLE parted_2026 PARTITION OF parted FOR VALUES FROM ('2026-01-01') TO ('2027-01-01')",
+        "INSERT INTO parted SELECT g, date '2025-01-01' + g % 700 FROM generate_series(1, 5000) g",
+        "CREATE MATERIALIZED VIEW totals AS SELECT id % 10 AS k, count(*) AS n FROM plain GROUP BY 1",
+        "CREATE MATERIALIZED VIEW later AS SELECT id FROM plain WITH NO DATA",
+    )
+    backups = tmp_path / "backups"
+    backups.mkdir(mode=0o700)
+    common = ["--backup-dir", str(backups), "--dsn", pg_cluster.dsn(name), "--bin-dir", str(pg_cluster.bindir)]
+    run(BACKUP_PROGRAM, "backup", *common, "--id", "stats-1")
+    run(BACKUP_PROGRAM, "verify", *common, "--id", "stats-1")
+    restored = run(RESTORE_PROGRAM, "restore", *common, "--database", name, "--id", "stats-1", "--jobs", "2")
+    scratch = pg_cluster.dsn(restored["restored_db"])
+    try:
+        assert restored["timings"]["analyzed_relations"] >= 6
+        not_analyzed = scalar(
+            scratch,
+            "SELECT coalesce(array_agg(relname ORDER BY relname), '{}') FROM pg_stat_user_tables"
+            " WHERE last_analyze IS NULL AND relname IN ('plain', 'parted_2025', 'parted_2026', 'totals')",
+        )
+        assert not_analyzed == [], not_analyzed
+        # A partitioned table has no row of its own in pg_stat_user_tables: its statistics are in pg_stats.
+        assert scalar(scratch, "SELECT count(*) FROM pg_stats WHERE tablename = 'parted' AND attname = 'day'") == 1
+        assert scalar(scratch, "SELECT count(*) FROM pg_stats WHERE tablename = 'totals'") >= 1
+    finally:
+        execute(admin, f'DROP DATABASE IF EXISTS "{restored["restored_db"]}" WITH (FORCE)')
+        execute(admin, f'DROP DATABASE "{name}" WITH (FORCE)')

@@ -396,7 +396,8 @@ def test_restore(args: argparse.Namespace, root: Path, manifest: dict[str, Any],
             )
             restore_s = time.monotonic() - t0
             t0 = time.monotonic()
-            restored = db_fingerprint.fingerprint(dsn_for(args.dsn, scratch), jobs=args.fingerprint_jobs)
+            restored = db_fingerprint.fingerprint(dsn_for(args.dsn, scratch), jobs=args.fingerprint_jobs,
+                                                  method=db_fingerprint.method_of(manifest["fingerprints"]))
             fingerprint_s = time.monotonic() - t0
         finally:
             drop_database(conn, scratch)

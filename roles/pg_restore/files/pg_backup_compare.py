@@ -138,7 +138,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
             "only_backup": [json.loads(k) for k in multiset_difference(backup_keys, live_keys)],
         }
 
-    live_fp = db_fingerprint.fingerprint(live_dsn, jobs=args.fingerprint_jobs)
+    live_fp = db_fingerprint.fingerprint(live_dsn, jobs=args.fingerprint_jobs,
+                                         method=db_fingerprint.method_of(manifest["fingerprints"]))
     changed = db_fingerprint.compare(manifest["fingerprints"], live_fp)
     schema_equal = not only_live and not only_backup
     return {

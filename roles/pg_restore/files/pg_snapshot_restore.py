@@ -37,6 +37,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -184,7 +185,8 @@ def cmd_check(args: argparse.Namespace) -> dict[str, Any]:
     state = read_state(Path(args.backup_dir)).get(database) or {}
     result["already_restored"] = False
     if live is not None and state.get("oid") == live["oid"] and state.get("backup_id") == info.backup_id:
-        live_fp = db_fingerprint.fingerprint(psb.dsn_for(args.dsn, database), jobs=args.fingerprint_jobs)
+        live_fp = db_fingerprint.fingerprint(psb.dsn_for(args.dsn, database), jobs=args.fingerprint_jobs,
+                                             method=db_fingerprint.method_of(manifest["fingerprints"]))
         result["already_restored"] = not db_fingerprint.compare(manifest["fingerprints"], live_fp)
     result["problems"] = problems
     result["ok"] = not problems
@@ -199,7 +201,8 @@ def compare_live(args: argparse.Namespace, info: store.BackupInfo, database: str
                  conn_factory: db_fingerprint.ConnSource | None = None) -> dict[str, Any]:
     assert info.manifest is not None
     t0 = time.monotonic()
-    live = db_fingerprint.fingerprint(conn_factory or psb.dsn_for(args.dsn, database), jobs=args.fingerprint_jobs)
+    live = db_fingerprint.fingerprint(conn_factory or psb.dsn_for(args.dsn, database), jobs=args.fingerprint_jobs,
+                                      method=db_fingerprint.method_of(info.manifest["fingerprints"]))
     diffs = db_fingerprint.compare(info.manifest["fingerprints"], live)
     decision = judge(diffs, args.writes_blocked, args.accept_data_loss, bool(args.export_dir))
     compared = len(set(live["tables"]) | set(info.manifest["fingerprints"]["tables"]))
@@ -253,21 +256,56 @@ def cmd_restore(args: argparse.Namespace) -> dict[str, Any]:
             )
             timings["pg_restore_s"] = round(time.monotonic() - t0, 3)
             t0 = time.monotonic()
-            fingerprint = db_fingerprint.fingerprint(psb.dsn_for(args.dsn, restored), jobs=args.fingerprint_jobs)
+            fingerprint = db_fingerprint.fingerprint(psb.dsn_for(args.dsn, restored), jobs=args.fingerprint_jobs,
+                                                     method=db_fingerprint.method_of(manifest["fingerprints"]))
             timings["fingerprint_s"] = round(time.monotonic() - t0, 3)
             diffs = db_fingerprint.compare(manifest["fingerprints"], fingerprint)
             if diffs:
                 text = db_fingerprint.format_diffs(diffs, len(fingerprint["tables"]))
                 raise store.BackupError(f"the restored database {restored} does not match backup {info.backup_id}:\n{text}")
             t0 = time.monotonic()
-            with psb.connect(psb.dsn_for(args.dsn, restored)) as target:  # pg_restore leaves planner statistics empty
-                target.execute("ANALYZE")
+            timings["analyzed_relations"] = analyze(psb.dsn_for(args.dsn, restored), args.jobs)
             timings["analyze_s"] = round(time.monotonic() - t0, 3)
         except BaseException:
             psb.drop_database(conn, restored)
             raise
     return {"changed": True, "id": info.backup_id, "database": database, "restored_db": restored,
             "tables": len(fingerprint["tables"]), "timings": timings}
+
+
+def analyze(dsn: str, jobs: int) -> int:
+    """ANALYZE every relation a database-wide ANALYZE would (tables, materialized views, partitioned tables,
+    the catalogs'), largest first, on ``jobs`` connections: pg_restore leaves planner statistics empty, and
+    one connection took 3.1 of the 28 s of a 1.95 GiB restore. Returns how many relations were analyzed."""
+    with psb.connect(dsn, "pg_snapshot_restore") as conn:
+        names = [r[0] for r in conn.execute(
+            "SELECT c.oid::regclass::text FROM pg_catalog.pg_class c"
+            " WHERE c.relkind IN ('r', 'm', 'p') AND c.relpersistence <> 't' ORDER BY c.relpages DESC, 1").fetchall()]
+    pending = list(reversed(names))  # pop() takes the largest first
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            with psb.connect(dsn, "pg_snapshot_restore") as conn:
+                while not errors:
+                    with lock:
+                        if not pending:
+                            return
+                        name = pending.pop()
+                    conn.execute(sql.SQL("ANALYZE {}").format(sql.SQL(name)))  # regclass text: already quoted
+        except BaseException as exc:  # re-raised in the calling thread
+            with lock:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, min(jobs, len(names))))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return len(names)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -543,7 +581,8 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
         snapshot_row = live.execute("SELECT pg_export_snapshot()").fetchone()
         assert snapshot_row is not None
         fingerprint = db_fingerprint.fingerprint(psb.dsn_for(args.dsn, database), snapshot=snapshot_row[0],
-                                                 jobs=args.fingerprint_jobs)
+                                                 jobs=args.fingerprint_jobs,
+                                                 method=db_fingerprint.method_of(info.manifest["fingerprints"]))
         backup_tables = info.manifest["fingerprints"]["tables"]
         diffs = db_fingerprint.compare(info.manifest["fingerprints"], fingerprint)
         tables: dict[str, Any] = {}
