@@ -125,6 +125,14 @@ def program(path: Path, *args: str) -> list[str]:
     return [sys.executable, str(path), *args]
 
 
+def settle(cluster: Cluster) -> None:
+    """The same start for every timed phase: the previous phase's dirty pages written (CHECKPOINT) and
+    the page cache flushed to disk (sync), so that no phase pays for the one before it: each restore
+    writes about 2 GB of WAL, and our restore is timed right after the raw one."""
+    cluster.execute("CHECKPOINT")
+    subprocess.run(["sync"], check=False)
+
+
 def drop(cluster: Cluster, name: str) -> None:
     with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
@@ -155,14 +163,14 @@ def one_round(args: argparse.Namespace, cluster: Cluster, workdir: Path) -> tupl
     common = ["--dsn", dsn, "--bin-dir", str(cluster.bindir)]
     t: dict[str, float] = {}
 
-    subprocess.run(["sync"], check=False)
+    settle(cluster)
     t["raw_dump"], _ = timed(
         [cluster.bin("pg_dump"), "-Fd", "-j", jobs, "-Z", compress, "-f", str(runs / "raw"), "-d", dsn],
         f"raw pg_dump -Fd -j {jobs} -Z {compress}",
     )
     raw_size = dir_size(runs / "raw")
 
-    subprocess.run(["sync"], check=False)
+    settle(cluster)
     t["our_backup"], out = timed(
         program(
             BACKUP_PROGRAM,
@@ -202,7 +210,7 @@ def one_round(args: argparse.Namespace, cluster: Cluster, workdir: Path) -> tupl
 
     drop(cluster, "acme_raw_restore")
     cluster.execute("CREATE DATABASE acme_raw_restore TEMPLATE template0")
-    subprocess.run(["sync"], check=False)
+    settle(cluster)
     t["raw_restore"], _ = timed(
         [cluster.bin("pg_restore"), "-j", jobs, "--exit-on-error", "-d", cluster.dsn("acme_raw_restore"), str(runs / "raw")],
         f"raw pg_restore -j {jobs}",
@@ -224,7 +232,7 @@ def one_round(args: argparse.Namespace, cluster: Cluster, workdir: Path) -> tupl
         "--writes-blocked",
         "--write-report",
     ]
-    subprocess.run(["sync"], check=False)
+    settle(cluster)
     t["our_restore_check"], _ = timed(program(RESTORE_PROGRAM, "check", *restore_common), "our restore: check (checksums)")
     t["our_restore_restore"], out = timed(
         program(RESTORE_PROGRAM, "restore", *restore_common), "our restore: pg_restore into a new database, fingerprints, ANALYZE"

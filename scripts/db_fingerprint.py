@@ -183,8 +183,9 @@ def list_tables(
 
 
 def _seed(kind: str, column: str) -> int:
-    """A signed 64-bit constant derived from the column's name: the same on every machine and run."""
-    return int.from_bytes(hashlib.sha256(f"{kind}:{column}".encode()).digest()[:8], "big", signed=True)
+    """A 63-bit constant derived from the column's name: the same on every machine and run (never
+    -2**63, which SQL cannot write as a bigint literal)."""
+    return int.from_bytes(hashlib.sha256(f"{kind}:{column}".encode()).digest()[:8], "big") & (2**63 - 1)
 
 
 def row_hash_sql(columns: Sequence[tuple[str, int]], alias: str = "t") -> sql.Composable:
