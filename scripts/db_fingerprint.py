@@ -297,17 +297,23 @@ def _run(
             with lock:
                 results[f"{schema}.{table}"] = result
 
-    if len(conns) == 1:
-        worker(conns[0])
+    run_workers(worker, [(c,) for c in conns], errors)
+    return results
+
+
+def run_workers(worker: Callable[..., None], arguments: Sequence[tuple[Any, ...]], errors: list[BaseException]) -> None:
+    """Run ``worker(*args)`` once per entry of ``arguments``, each in a thread of its own (in this one when
+    there is a single entry), wait for all, then raise the first error the workers put into ``errors``."""
+    if len(arguments) == 1:
+        worker(*arguments[0])
     else:
-        threads = [threading.Thread(target=worker, args=(c,), daemon=True) for c in conns]
+        threads = [threading.Thread(target=worker, args=args, daemon=True) for args in arguments]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
     if errors:
         raise errors[0]
-    return results
 
 
 def method_of(doc: dict[str, Any]) -> str:

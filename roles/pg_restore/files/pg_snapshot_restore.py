@@ -298,13 +298,7 @@ def analyze(dsn: str, jobs: int) -> int:
             with lock:
                 errors.append(exc)
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, min(jobs, len(names))))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    db_fingerprint.run_workers(worker, [()] * max(1, min(jobs, len(names))), errors)
     return len(names)
 
 
