@@ -102,6 +102,7 @@ LONG_STEPS = (
     ("Fetch the wheelhouse tarball", "wheelhouse fetch"),
     ("Copy the wheelhouse tarball", "wheelhouse copy"),
     ("Install the requirements from the wheelhouse", "wheelhouse install"),
+    ("Copy the virtualenv of the release", "venv copy"),
 )
 # Steps whose time grows with the database (an estimate from an earlier run is scaled by its size).
 SIZED_STEPS = ("backup", "backup verify", "backup copy")

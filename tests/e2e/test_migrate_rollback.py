@@ -394,6 +394,34 @@ def test_the_runtime_failing_to_install_on_one_host_switches_no_host(e2e: E2E) -
     assert_back_on_v1(e2e)
 
 
+def test_the_virtualenv_failing_on_its_build_host_stops_every_host_sharing_it(e2e: E2E) -> None:
+    """The app hosts share one virtualenv key for v2 (same requirements, Python and path): app1 builds it,
+    the others unpack app1's. app1 cannot (a file where its wheelhouse directory goes): the others install
+    nothing of their own and say why, the run fails in prepare and no host is switched or migrated."""
+    applied = "SELECT count(*) FROM django_migrations"
+    before = e2e.sql(applied)
+    for host in APP_HOSTS:  # v2 not prepared anywhere: every host needs the virtualenv
+        e2e.ssh(host, "sudo rm -rf /srv/acme/releases/v2")
+    e2e.ssh("app1", "sudo rm -rf /srv/acme/wheelhouse && sudo touch /srv/acme/wheelhouse")
+    try:
+        run = e2e.migrate("v2", check=False, log="migrate-venv-fails-on-app1")
+    finally:
+        e2e.ssh("app1", "sudo rm -f /srv/acme/wheelhouse")
+    record = e2e.run_record()
+    print(f"\nvirtualenv failing on app1: exit {run.rc} after {run.seconds:.0f}s, {stage_seconds(record)}: {run.failed_line}")
+    assert run.rc != 0
+    assert record["failure"]["stage"] == "prepare" and record["converge"]["mode"] == "code", record.get("failure")
+    assert re.search(one_line("failed at stage prepare on app1: /srv/acme/wheelhouse already exists as a file"), run.output)
+    assert len(APP_HOSTS) > 1, APP_HOSTS
+    for host in APP_HOSTS[1:]:
+        said = "app1 did not build the virtualenv this host shares with it (see its error above)."
+        said += f" Nothing was installed on {host}"
+        assert re.search(one_line(said), run.output), host
+        assert e2e.ssh(host, "sudo test -e /srv/acme/releases/v2/venv; echo $?") == "1", host
+    assert "switch" not in record.get("stages", {}) and e2e.sql(applied) == before
+    assert_back_on_v1(e2e)
+
+
 def test_a_second_run_is_refused_and_a_stale_lock_is_reported(e2e: E2E) -> None:
     stale = {"run_id": "20260101T000000Z-dead0", "owner": "someone", "controller": "elsewhere.example",
              "pid": 1, "playbook": "migrate", "target": "v9", "locked_at": "2026-01-01T00:00:00Z"}  # fmt: skip

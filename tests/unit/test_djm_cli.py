@@ -938,6 +938,7 @@ def test_long_steps_are_recorded_with_the_database_size(tmp_path: Path) -> None:
     assert "<h2>Long steps</h2>" in page
     assert "<td>backup</td><td>db1</td><td>backup</td><td>60.0</td><td>changed</td><td>1000 MiB</td>" in page
     assert djm_report.long_step("Install the requirements from the wheelhouse, offline") == "wheelhouse install"
+    assert djm_report.long_step("Copy the virtualenv of the release from the controller") == "venv copy"
     assert djm_report.long_step("Restore the backup into a new database and require its fingerprints") == "restore"
     assert djm_report.long_step("Check that the host answers") == ""
 

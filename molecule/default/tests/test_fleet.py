@@ -69,6 +69,25 @@ def test_app_hosts_serve_v1_again_with_v2_and_its_python_prepared(host: Any) -> 
     assert host.check_output("/srv/acme/releases/v1/venv/bin/python -c 'import sys; print(sys.version_info[:2])'") == "(3, 9)"
 
 
+def hosts_by_status(log: str, task: str) -> dict[str, list[str]]:
+    """{status: [host, ...]} of one task in an ansible-playbook output (the default callback)."""
+    found: dict[str, list[str]] = {}
+    for block in log.split("\nTASK [")[1:]:
+        if block.startswith(task):
+            for status, host in re.findall(r"^(ok|changed|skipping|failed|fatal): \[([^\]]+)\]", block, re.M):
+                found.setdefault(status, []).append(host)
+    return found
+
+
+def test_the_v2_virtualenv_was_built_on_one_app_host_and_unpacked_on_the_others() -> None:
+    """pip installs and byte-compiles once: the other app hosts unpack the first one's virtualenv."""
+    log = sorted(LOGS.glob("*-migrate-v2.log"))[0].read_text()
+    pip = hosts_by_status(log, "django_release : Install the requirements from the wheelhouse, offline")
+    unpacked = hosts_by_status(log, "django_release : Unpack the virtualenv beside the release's venv")
+    assert pip.get("changed") == ["app1"], pip
+    assert sorted(unpacked.get("changed", [])) == ["app2", "app3"], unpacked
+
+
 def test_load_balancer_has_every_app_host_up_and_the_window_closed(host: Any) -> None:
     only(host, "lb")
     assert host.service("haproxy").is_running
