@@ -264,6 +264,49 @@ def scale_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+CPU_KEYS = ["deploy v1", "migrate v1 -> v2", *(f"migrate: {stage}" for stage in STAGES), "rollback"]
+
+
+def cpu_table(results: list[dict[str, Any]]) -> str:
+    """Busy CPU seconds of the machine per command and migrate stage (scripts/cpu_usage.py), the hosts' share
+    (the fleet's containers) and how busy the CPUs were, side by side."""
+    small, large = results[0], results[-1]
+    lines = [f"| step | {small['apps']} app hosts: CPU s (hosts + controller), busy | "
+             f"{large['apps']} app hosts: CPU s (hosts + controller), busy | CPU ratio |", "|---|---:|---:|---:|"]  # fmt: skip
+
+    def cell(c: dict[str, Any] | None) -> str:
+        if not c:
+            return "-"
+        share = f"{c['busy_share'] * 100:.0f} %" if c["busy_share"] is not None else "-"
+        return f"{c['cpu_s']:.0f} ({c['hosts_cpu_s']:.0f} + {c['controller_cpu_s']:.0f}), {share}"
+
+    for key in CPU_KEYS:
+        a, b = small["cpu"].get(key), large["cpu"].get(key)
+        if a or b:
+            lines.append(f"| {key} | {cell(a)} | {cell(b)} | {ratio(a and a['cpu_s'], b and b['cpu_s']) or '-'} |")
+    return "\n".join(lines)
+
+
+def cpu_floor(results: list[dict[str, Any]]) -> str:
+    """What the CPU time of the large fleet's migrate allows on this machine, against the scale target."""
+    small, large = results[0], results[-1]
+    c = large["cpu"]["migrate v1 -> v2"]
+    cpus = large.get("cpus") or 1
+    floor = c["cpu_s"] / cpus
+    target = TARGETS["scale"] * small["migrate v1 -> v2"]
+    per_app = c["hosts_cpu_s"] / large["apps"]
+    floor_ratio = floor / small["migrate v1 -> v2"]
+    return (
+        f"* CPU: the {large['apps']}-host migrate kept the {cpus} CPUs {c['busy_share'] * 100:.0f} % busy and used "
+        f"{c['cpu_s']:.0f} CPU s ({c['hosts_cpu_s']:.0f} on the hosts, {c['controller_cpu_s']:.0f} on the controller's "
+        f"side); with that work no schedule on {cpus} CPUs takes less than {floor:.0f} s = **{floor_ratio:.2f}x** "
+        f"the {small['apps']}-host time, {'above' if floor > target else 'below'} the {TARGETS['scale']}x target "
+        f"({target:.0f} s). On hosts with CPUs of their own, the hosts' share ({per_app:.0f} CPU s per app host, on "
+        f"average, db1 and lb1 included) would run beside the controller's instead of on the same {cpus} CPUs: an "
+        "inference from this table, not a measurement.\n"
+    )
+
+
 def scale_section(scale: list[dict[str, Any]] | None, source: Path | None) -> str:
     head = "## Scale: the same migrate on a small and a large fleet\n\n"
     if not scale:
@@ -286,6 +329,13 @@ def scale_section(scale: list[dict[str, Any]] | None, source: Path | None) -> st
         f"* The hosts here are containers sharing the controller's {small.get('cpus', '2')} CPUs: the per-host work of "
         "the parallel stages (prepare) runs on the same CPUs for every host, as it would not on VMs with CPUs of their "
         "own; the switch is one host at a time by design (`migrate_serial`, default 1).\n"
+        + (
+            "\nCPU time per step (`scripts/cpu_usage.py`: the machine's busy CPU seconds from /proc/stat, the hosts' "
+            "from their containers' cgroups, the rest is the controller's side: ansible, ssh, podman), and how busy "
+            "the CPUs were over the step:\n\n" + cpu_table(scale) + "\n\n" + cpu_floor(scale)
+            if "cpu" in small and "cpu" in large
+            else ""
+        )
     )
 
 

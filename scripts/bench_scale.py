@@ -45,8 +45,10 @@ from pathlib import Path
 from typing import Any
 
 import bench_report  # scripts/bench_report.py: docs/benchmarks.md from the latest figures
+import cpu_usage  # scripts/cpu_usage.py: busy CPU seconds of the machine and of the containers per window
 import demo  # scripts/demo.py, beside this file: environment() and the data loader
 import loadgen  # scripts/loadgen.py: the traffic, its records and percentiles
+from fleetlib.hosts import LABEL
 from run_record import stage_seconds, stage_windows
 
 REPO = Path(__file__).resolve().parent.parent
@@ -248,6 +250,13 @@ def cpython_cached() -> bool:
     return cache.is_dir() and any(cache.iterdir())
 
 
+def fleet_containers(fleet: str) -> list[str]:
+    """The names of the fleet's containers (its hosts: lb1, app1..appN, db1)."""
+    out = subprocess.run(["podman", "ps", "--filter", f"label={LABEL}={fleet}", "--format", "{{.Names}}"],
+                         env=demo.environment(), check=True, capture_output=True, text=True).stdout  # fmt: skip
+    return out.split()
+
+
 def measure(apps: int, args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     fleet, py = args.fleet, sys.executable
     inventory = REPO / "inventories" / "local" / f"{fleet}-hosts.yml"
@@ -259,15 +268,34 @@ def measure(apps: int, args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     available_before = available_mib()
     up = ["up", "--name", fleet, "--apps", str(apps), "--http-port", str(args.http_port), "--inventory", str(inventory)]
     result["fleet up"] = timed([py, "scripts/fleet.py", *up], logs / f"{apps}-fleet-up.log")
-    result["deploy v1"] = timed(["ansible-playbook", *inv, "playbooks/deploy.yml"], logs / f"{apps}-deploy.log")
-    result["fleet memory MiB"] = available_before - available_mib()  # serving v1, idle
-    demo.fill_database(fleet, inventory, args.size)
-    to_v2 = ["-e", "project_release_id=v2", "-e", f"project_python_version={PYTHON_VERSION}"]
-    result["migrate v1 -> v2"] = timed(["ansible-playbook", *inv, "migrate.yml", *to_v2], logs / f"{apps}-migrate.log")
-    record = run_record(fleet, inventory)
-    result["strategy"] = record.get("strategy")
-    result["migrate stages"] = stage_seconds(record)
-    result["rollback"] = timed(["ansible-playbook", *inv, "rollback.yml"], logs / f"{apps}-rollback.log")
+    # CPU seconds of the machine and of the fleet's containers for each command and migrate stage.
+    sampler = cpu_usage.CpuSampler(cpu_usage.container_usage_files(fleet_containers(fleet))).start()
+    windows: dict[str, tuple[float, float]] = {}
+
+    def command(key: str, argv: list[str], logfile: Path) -> float:
+        started = time.time()
+        seconds = timed(argv, logfile)
+        windows[key] = (started, time.time())
+        return seconds
+
+    try:
+        result["deploy v1"] = command(
+            "deploy v1", ["ansible-playbook", *inv, "playbooks/deploy.yml"], logs / f"{apps}-deploy.log"
+        )
+        result["fleet memory MiB"] = available_before - available_mib()  # serving v1, idle
+        demo.fill_database(fleet, inventory, args.size)
+        to_v2 = ["-e", "project_release_id=v2", "-e", f"project_python_version={PYTHON_VERSION}"]
+        result["migrate v1 -> v2"] = command(
+            "migrate v1 -> v2", ["ansible-playbook", *inv, "migrate.yml", *to_v2], logs / f"{apps}-migrate.log"
+        )
+        record = run_record(fleet, inventory)
+        result["strategy"] = record.get("strategy")
+        result["migrate stages"] = stage_seconds(record)
+        windows.update({f"migrate: {name}": window for name, window in stage_windows(record).items()})
+        result["rollback"] = command("rollback", ["ansible-playbook", *inv, "rollback.yml"], logs / f"{apps}-rollback.log")
+    finally:
+        sampler.stop()
+    result["cpu"] = {key: sampler.window(*window) for key, window in windows.items()}
     record = run_record(fleet, inventory)
     result["rollback mode"] = record.get("converge", {}).get("mode")
     if args.serial and apps == max(int(n) for n in args.sizes.split(",")):

@@ -178,3 +178,27 @@ def test_the_report_computes_every_verdict_and_extrapolation_from_the_newest_fig
     # the orders a restore discards are accounted for, not hidden: here one of them is not in the replaced database
     assert "The 7 orders missing after the restore" in doc and "(99 rows)" in doc
     assert "(`acme__failed_x`): 6 of the 7 are in it." in doc
+
+
+def cpu_window(cpu: float, hosts: float, seconds: float) -> dict[str, Any]:
+    return {"seconds": seconds, "cpu_s": cpu, "hosts_cpu_s": hosts, "controller_cpu_s": cpu - hosts,
+            "busy_share": round(cpu / (2 * seconds), 3)}  # fmt: skip
+
+
+def test_the_report_gives_each_steps_cpu_time_and_the_floor_it_puts_under_the_large_fleet(bench_dir: Path) -> None:
+    scale = bench_dir / "scale-20261202T000000"
+    scale.mkdir()
+    small = scale_result(3, 100.0, 15.0) | {"cpu": {"migrate v1 -> v2": cpu_window(120.0, 80.0, 100.0)}}
+    large = scale_result(10, 300.0, 50.0) | {
+        "cpu": {"migrate v1 -> v2": cpu_window(560.0, 400.0, 300.0), "migrate: prepare": cpu_window(380.0, 300.0, 200.0)}
+    }
+    (scale / "results.json").write_text(json.dumps([small, large]))
+    doc = bench_report.render()
+    assert "| migrate v1 -> v2 | 120 (80 + 40), 60 % | 560 (400 + 160), 93 % | 4.67x |" in doc
+    assert "| migrate: prepare | - | 380 (300 + 80), 95 % | - |" in doc
+    # 560 CPU s on 2 CPUs: 280 s at least, 2.80x the 3-host 100 s, above the 150 s of the 1.5x target
+    assert "no schedule on 2 CPUs takes less than 280 s = **2.80x** the 3-host time, above the 1.5x target (150 s)" in doc
+    assert "(40 CPU s per app host" in doc
+    # a scale run of before the CPU figures: no CPU table
+    (scale / "results.json").write_text(json.dumps([scale_result(3, 100.0, 15.0), scale_result(10, 300.0, 50.0)]))
+    assert "CPU time per step" not in bench_report.render()
