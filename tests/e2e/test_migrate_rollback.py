@@ -515,6 +515,12 @@ def test_controller_killed_mid_migration_leaves_nothing_running_that_could_apply
     assert_back_on_v1(e2e)
 
 
+def scratch_databases(e2e: E2E) -> list[str]:
+    """The restore's scratch databases (acme__restore_<time>) on db1."""
+    query = "SELECT datname FROM pg_database WHERE datname LIKE 'acme\\_\\_restore\\_%'"
+    return e2e.ssh("db1", f'sudo -u postgres psql -X -At -c "{query}"').split()
+
+
 def test_rollback_modes_refuse_what_would_break_or_lose_and_restore_keeps_the_replaced_database(e2e: E2E) -> None:
     e2e.migrate("v2", log="migrate-v2-for-modes")
     # code: v2 dropped products.category, which v1 reads.
@@ -549,6 +555,9 @@ def test_rollback_modes_refuse_what_would_break_or_lose_and_restore_keeps_the_re
     acknowledged = [json.loads(line)["order_id"] for line in load.out.read_text().splitlines() if '"order_id": ' in line]
     acknowledged = [order for order in acknowledged if order is not None]
     assert acknowledged, "the load placed no order before the window"
+    # The backup was restored beside the live database before the window; refused in the window, that copy is
+    # dropped (a database the size of the live one is not left behind).
+    assert scratch_databases(e2e) == [], "the refused restore left its restored database"
 
     # What a restore cut during its swap leaves (controller killed): the live database closed to
     # connections and a scratch copy. rollback.yml repairs both before it restores.
@@ -561,6 +570,15 @@ def test_rollback_modes_refuse_what_would_break_or_lose_and_restore_keeps_the_re
         accepted = e2e.rollback("-e", "rollback_mode=restore", "-e", "rollback_accept_data_loss=true", log="rollback-restore")
     said = " ".join(accepted.output.split())  # the callback folds long messages over lines
     assert "re-allowed connections to acme" in said and "dropped acme__restore_20260101T000000Z" in said, said[-3000:]
+    # Undoing a migrate that had finished: the backup is restored (and proven) while the site serves, before the
+    # window opens; inside it only the live comparison and the swap.
+    restored_at = accepted.output.find("TASK [Restore the backup into a new database while the site serves")
+    window_at = accepted.output.find("TASK [Answer 503 with the maintenance page")
+    assert 0 <= restored_at < window_at, (restored_at, window_at)
+    before_window = accepted.output[restored_at:window_at].split("TASK [")
+    restore_task = [t for t in before_window if t.startswith("pg_restore : Restore the backup into a new database and require")]
+    assert restore_task and "changed: [db1]" in restore_task[0], before_window
+    assert scratch_databases(e2e) == []
     record = e2e.run_record()
     failed_db = record["restored"]["failed_db"]
     print(f"\nrollback restore: {accepted.seconds:.0f}s, maintenance {record['maintenance'].get('seconds')}s,"
